@@ -1,0 +1,108 @@
+"""The audit trail: one append-only row per state-changing action.
+
+Every action goes through ``audited()``, which records the outcome whether the action succeeds or
+fails, so no code path can forget it. ``db_role`` and ``client_addr`` are filled in by the server
+(column defaults), not by atc, so a config file cannot forge them. atc has no UPDATE or DELETE path
+on ``atc.audit``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterator
+
+from psycopg.types.json import Jsonb
+
+from .config import Settings
+from .db import Database
+from .errors import AtcError, ReadOnlyError
+
+# Inserts only into atc.audit; takes no lock on application tables.
+INSERT_AUDIT = """
+INSERT INTO atc.audit (operator, action, targets, reason, outcome, details)
+VALUES (%(operator)s, %(action)s, %(targets)s, %(reason)s, %(outcome)s, %(details)s)
+RETURNING id, at, db_role, host(client_addr) AS client_addr
+"""
+
+# Newest first, keyset on id; filters are bound parameters (NULL means "any").
+LIST_AUDIT = """
+SELECT id, at, operator, db_role, host(client_addr) AS client_addr, action, targets, reason, outcome, details
+FROM atc.audit
+WHERE (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+  AND (%(operator)s::text IS NULL OR operator = %(operator)s)
+  AND (%(action)s::text IS NULL OR action = %(action)s)
+  AND (%(target)s::text IS NULL OR targets::text ILIKE '%%' || %(target)s || '%%')
+  AND (%(since)s::timestamptz IS NULL OR at >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR at < %(until)s)
+ORDER BY id DESC
+LIMIT %(limit)s
+"""
+
+
+@dataclass
+class AuditEntry:
+    action: str
+    targets: list[Any]
+    reason: str = ""
+    outcome: str = "ok"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def record(db: Database, settings: Settings, action: str, targets: list[Any], *, reason: str = "",
+           outcome: str = "ok", details: dict[str, Any] | None = None) -> dict[str, Any]:
+    row = db.fetch_one(
+        INSERT_AUDIT,
+        {
+            "operator": settings.operator_name,
+            "action": action,
+            "targets": Jsonb(targets),
+            "reason": reason,
+            "outcome": outcome,
+            "details": Jsonb(_jsonable(details or {})),
+        },
+        what="audit write",
+    )
+    return row or {}
+
+
+def require_writable(settings: Settings, action: str) -> None:
+    if settings.read_only:
+        raise ReadOnlyError(f"{action} refused: atc runs read-only (read_only = true in {settings.source})")
+
+
+@contextmanager
+def audited(db: Database, settings: Settings, action: str, targets: list[Any], *,
+            reason: str = "") -> Iterator[AuditEntry]:
+    """Run an action and record its outcome; a failure is recorded and re-raised.
+
+    The body may set ``entry.outcome`` and ``entry.details`` to describe partial results.
+    """
+    require_writable(settings, action)
+    entry = AuditEntry(action=action, targets=list(targets), reason=reason)
+    try:
+        yield entry
+    except BaseException as exc:
+        message = exc.message if isinstance(exc, AtcError) else f"{type(exc).__name__}: {exc}"
+        try:
+            record(db, settings, action, entry.targets, reason=reason, outcome=f"failed: {message}"[:500],
+                   details=entry.details)
+        except AtcError:
+            pass  # the original failure matters more than the audit write's
+        raise
+    record(db, settings, action, entry.targets, reason=reason, outcome=entry.outcome, details=entry.details)
+
+
+def list_audit(db: Database, *, before_id: int | None = None, operator: str | None = None,
+               action: str | None = None, target: str | None = None, since: datetime | None = None,
+               until: datetime | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    return db.fetch(LIST_AUDIT, {
+        "before_id": before_id, "operator": operator, "action": action, "target": target,
+        "since": since, "until": until, "limit": limit,
+    }, what="audit listing")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

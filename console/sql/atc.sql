@@ -1,0 +1,81 @@
+-- atc's own schema. Everything atc writes lives here; it never alters the application's tables.
+-- Idempotent: `atc db upgrade` runs this file in one transaction. It creates only objects in the
+-- atc schema, so it takes no lock on the application's tables (no foreign keys into them either:
+-- adding one would take a SHARE ROW EXCLUSIVE lock on the hot table it points at).
+
+CREATE SCHEMA IF NOT EXISTS atc;
+
+CREATE TABLE IF NOT EXISTS atc.schema_version (
+    version     integer PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- Append-only audit trail. db_role and client_addr come from the server, not from the config
+-- file, so an operator name alone cannot forge who acted.
+CREATE TABLE IF NOT EXISTS atc.audit (
+    id           bigserial PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    operator     text NOT NULL,
+    db_role      text NOT NULL DEFAULT current_user,
+    client_addr  inet DEFAULT inet_client_addr(),
+    action       text NOT NULL,
+    targets      jsonb NOT NULL DEFAULT '[]',
+    reason       text NOT NULL DEFAULT '',
+    outcome      text NOT NULL,
+    details      jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_at ON atc.audit (at DESC);
+CREATE INDEX IF NOT EXISTS audit_action ON atc.audit (action, at DESC);
+
+-- Pauses are append-only events; the current state of an assignment is its latest event.
+-- Writing here never touches "Assignment", so a pause commits even while its rows are locked.
+CREATE TABLE IF NOT EXISTS atc.pause_event (
+    id             bigserial PRIMARY KEY,
+    assignment_id  integer NOT NULL,
+    paused         boolean NOT NULL,
+    operator       text NOT NULL,
+    db_role        text NOT NULL DEFAULT current_user,
+    reason         text NOT NULL DEFAULT '',
+    at             timestamptz NOT NULL DEFAULT clock_timestamp(),
+    expires_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS pause_event_latest ON atc.pause_event (assignment_id, id DESC);
+
+-- Pointers to logs moved to S3. A step result whose log column is NULL and that has a row here
+-- is read from S3; `summary` keeps what graders read (states, exit codes, points) without bodies.
+CREATE TABLE IF NOT EXISTS atc.moved_log (
+    step_result_id  integer PRIMARY KEY,
+    bucket          text NOT NULL,
+    key             text NOT NULL,
+    size            bigint NOT NULL,
+    sha256          text NOT NULL,
+    summary         jsonb NOT NULL DEFAULT '{}',
+    moved_at        timestamptz NOT NULL DEFAULT now(),
+    moved_by        text NOT NULL DEFAULT ''
+);
+CREATE UNIQUE INDEX IF NOT EXISTS moved_log_key ON atc.moved_log (bucket, key);
+
+-- Migration runs and per-shard progress, so an interrupted run resumes where it stopped and
+-- several hosts can share one run.
+CREATE TABLE IF NOT EXISTS atc.migration_run (
+    id          bigserial PRIMARY KEY,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    operator    text NOT NULL,
+    min_size    bigint NOT NULL,
+    params      jsonb NOT NULL DEFAULT '{}',
+    finished_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS atc.migration_progress (
+    run_id          bigint NOT NULL REFERENCES atc.migration_run(id) ON DELETE CASCADE,
+    shard           integer NOT NULL,
+    shard_count     integer NOT NULL,
+    last_step_result_id integer NOT NULL DEFAULT 0,
+    moved_logs      bigint NOT NULL DEFAULT 0,
+    moved_bytes     bigint NOT NULL DEFAULT 0,
+    skipped         bigint NOT NULL DEFAULT 0,
+    failed          bigint NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, shard, shard_count)
+);
+
+INSERT INTO atc.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
