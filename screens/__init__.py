@@ -1,0 +1,1 @@
+"""atc's Textual UI. Screens call functions in ``console``; they hold no SQL."""
