@@ -70,6 +70,8 @@ class UISettings:
     # Seconds between live refreshes of monitoring screens.
     refresh_interval: float = 2.0
     theme: str = "textual-dark"
+    # Most sessions the lock tree shows (and `atc locks` prints); the rest are counted as "N more".
+    lock_rows: int = 200
 
 
 @dataclass(frozen=True)
