@@ -75,7 +75,24 @@ CREATE TABLE IF NOT EXISTS atc.migration_progress (
     skipped         bigint NOT NULL DEFAULT 0,
     failed          bigint NOT NULL DEFAULT 0,
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- Set when this shard's pass (and its retry sweeps) ended; NULL means resumable.
+    finished_at     timestamptz,
+    -- The last error that stopped or failed a log in this shard (one line), for the screen.
+    last_error      text NOT NULL DEFAULT '',
     PRIMARY KEY (run_id, shard, shard_count)
+);
+-- Pointers listed in key order for the orphan scan's merge join with the S3 listing.
+CREATE INDEX IF NOT EXISTS moved_log_key_c ON atc.moved_log (bucket, (key COLLATE "C"));
+
+-- Cached per-assignment log bytes for the browse screens (summing pg_column_size over millions
+-- of step results per page would be too slow); refreshed per page after it paints, shown with
+-- its "as of". See console/browse.py.
+CREATE TABLE IF NOT EXISTS atc.assignment_stats (
+    assignment_id  integer PRIMARY KEY,
+    step_results   bigint NOT NULL DEFAULT 0,
+    log_bytes_db   bigint NOT NULL DEFAULT 0,
+    log_bytes_s3   bigint NOT NULL DEFAULT 0,
+    computed_at    timestamptz NOT NULL DEFAULT now()
 );
 
 INSERT INTO atc.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;
