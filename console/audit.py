@@ -58,7 +58,7 @@ def record(db: Database, settings: Settings, action: str, targets: list[Any], *,
         {
             "operator": settings.operator_name,
             "action": action,
-            "targets": Jsonb(targets),
+            "targets": Jsonb(_jsonable(targets)),
             "reason": reason,
             "outcome": outcome,
             "details": Jsonb(_jsonable(details or {})),
