@@ -27,6 +27,7 @@ from .errors import AtcError
 COMMAND_MODULES = [
     "console.commands.core",
     "console.commands.demo",
+    "console.commands.browse",
 ]
 
 
