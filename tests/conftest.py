@@ -138,3 +138,26 @@ def fresh_demo_db(pg, demo_template, make_settings) -> Settings:
 
 def read_only(settings: Settings) -> Settings:
     return replace(settings, read_only=True)
+
+
+@pytest.fixture
+def start_broker_sim():
+    """Start the reference broker simulator on a test database: ``start_broker_sim(settings, **config)``.
+
+    Fast timings (short polls, tiny logs) unless overridden; every simulator started is stopped
+    after the test.
+    """
+    from console.broker_sim import BrokerSimulator, SimConfig
+
+    started = []
+
+    def factory(settings: Settings, **config):
+        options = {"runners": 2, "poll_interval": 0.02, "heartbeat_interval": 0.2, "chunk_delay": 0.005,
+                   "output_bytes": 300, "chunk_bytes": 100, **config}
+        sim = BrokerSimulator(SimConfig(dsn=settings.database.dsn, **options)).start()
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        sim.stop()
