@@ -69,6 +69,19 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def pid_alive(pid: int) -> bool:
+    return bool(pid) and _pid_alive(pid)
+
+
+def pid_cmdline_contains(pid: int, needle: str) -> bool:
+    """Whether process ``pid`` runs a command line containing ``needle`` (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
 def _stop_pid(pid: int, sig: int, timeout: float) -> None:
     try:
         os.kill(pid, sig)
@@ -251,7 +264,7 @@ class EmbeddedPostgres:
 
     def stop(self, timeout: float = 15.0) -> None:
         pid = self.pid or self._pid_from_file()
-        if pid:
+        if pid and pid_cmdline_contains(pid, "postgres"):
             _stop_pid(pid, signal.SIGINT, timeout)  # SIGINT: fast shutdown
         self.pid = 0
 
@@ -263,7 +276,7 @@ class EmbeddedPostgres:
 
     def is_running(self) -> bool:
         pid = self.pid or self._pid_from_file()
-        return bool(pid) and _pid_alive(pid)
+        return bool(pid) and _pid_alive(pid) and pid_cmdline_contains(pid, "postgres")
 
     def create_database(self, name: str) -> str:
         import psycopg
@@ -318,7 +331,13 @@ class EmbeddedS3:
     def identities_path(self) -> Path:
         return self.data_dir / "s3-identities.json"
 
+    def load_credentials(self) -> None:
+        """Read the generated keys of an existing data dir (for a process that did not start weed)."""
+        if self.identities_path.exists():
+            self._ensure_credentials()
+
     def _ensure_credentials(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.identities_path.exists():
             ident = json.loads(self.identities_path.read_text())["identities"][0]["credentials"][0]
             self.access_key, self.secret_key = ident["accessKey"], ident["secretKey"]
@@ -410,19 +429,24 @@ class EmbeddedS3:
         self.stop()
         raise AtcError(f"SeaweedFS S3 did not become ready on port {self.s3_port} within {timeout:.0f}s: {last}")
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def _recorded_pid(self) -> int:
+        """The weed pid of this data dir, if that process still runs weed (pids get reused)."""
         pid = self.pid
         if not pid:
             try:
                 pid = int((self.data_dir / "weed.pid").read_text())
             except (OSError, ValueError):
-                pid = 0
+                return 0
+        return pid if _pid_alive(pid) and pid_cmdline_contains(pid, "weed") else 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        pid = self._recorded_pid()
         if pid:
             _stop_pid(pid, signal.SIGTERM, timeout)
         self.pid = 0
 
     def is_running(self) -> bool:
-        return bool(self.pid) and _pid_alive(self.pid)
+        return bool(self._recorded_pid())
 
     def aws_credentials_file(self, profile: str = "atc-demo") -> Path:
         """Write an AWS shared-credentials file so atc finds the keys through boto3's own chain."""

@@ -10,20 +10,23 @@ from pathlib import Path
 from ..cli import Context, add_json_flag, no_settings, print_json
 from ..demo import default_data_dir, down, up
 
-SCALES = ("small", "medium", "large")
+# Scales of console.seed.SCALES (not imported here: the CLI starts without loading the seeder).
+# "test" is the tiny data set of the test suite; the others are for people.
+SCALES = ("test", "small", "medium", "large")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run atc on an embedded PostgreSQL + S3 with a seeded AutoTest data set")
     p.add_argument("--data-dir", type=Path, default=None, help=f"where the demo lives (default {default_data_dir()})")
-    p.add_argument("--scale", choices=SCALES, default="small", help="size of the seeded data set (default small)")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="size of the seeded data set (default: small, or what the data dir already holds)")
     p.add_argument("--fresh", action="store_true", help="throw away the data dir and seed again")
     p.set_defaults(handler=no_settings(cmd_demo))
     dsub = p.add_subparsers(dest="demo_command", metavar="ACTION")
 
     u = dsub.add_parser("up", help="start the services, seed, write DIR/atc.toml, and return")
     u.add_argument("--data-dir", type=Path, default=None)
-    u.add_argument("--scale", choices=SCALES, default="small")
+    u.add_argument("--scale", choices=SCALES, default=None)
     u.add_argument("--fresh", action="store_true")
     add_json_flag(u)
     u.set_defaults(handler=no_settings(cmd_demo_up))
@@ -41,7 +44,7 @@ def _progress(message: str) -> None:
 
 def cmd_demo_up(ctx: Context | None, args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data_dir()
-    stack = up(data_dir, scale=args.scale, fresh=args.fresh, progress=_progress)
+    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=True, progress=_progress)
     info = {
         "data_dir": str(stack.data_dir),
         "config": str(stack.config_path),
@@ -83,7 +86,7 @@ def cmd_demo(ctx: Context | None, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise)
     signal.signal(signal.SIGHUP, _raise)
-    stack = up(data_dir, scale=args.scale, fresh=args.fresh, tie_to_parent=True, progress=_progress)
+    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=False, progress=_progress)
     try:
         from screens.app import run_app
 
