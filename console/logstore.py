@@ -75,15 +75,29 @@ def locate(db: Database, step_result_id: int) -> LogLocation:
     )
 
 
-def stream_db_log(conn: psycopg.Connection, step_result_id: int) -> Iterator[bytes]:
-    """Yield the inline log's exact bytes in chunks. Yields nothing if the log is NULL."""
+def stream_db_log(conn: psycopg.Connection, step_result_id: int, *,
+                  statement_timeout: str | None = None) -> Iterator[bytes]:
+    """Yield the inline log's exact bytes in chunks. Yields nothing if the log is NULL.
+
+    ``statement_timeout`` (e.g. "15min") lifts the session's limit for this COPY only: sending a
+    500 MB value can outlast a browse-sized timeout, and the COPY takes only ACCESS SHARE on the
+    table, so it cannot block writers. The session value is restored afterwards (RESET returns to
+    the value set at connection start-up by the session policy).
+    """
     parser = _BinaryCopyField()
     query = sql.SQL(_COPY_LOG).format(id=sql.Literal(int(step_result_id)))
     with conn.cursor() as cur:
-        with cur.copy(query) as copy:
-            for block in copy:
-                for piece in parser.feed(bytes(block)):
-                    yield piece
+        if statement_timeout is not None:
+            cur.execute("SELECT set_config('statement_timeout', %s, false)", (statement_timeout,))
+        try:
+            with cur.copy(query) as copy:
+                for block in copy:
+                    for piece in parser.feed(bytes(block)):
+                        yield piece
+        finally:
+            if statement_timeout is not None and not conn.closed \
+                    and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                cur.execute("RESET statement_timeout")
 
 
 def stream_log(db: Database, store: Any, location: LogLocation, chunk_size: int = 1 << 20) -> Iterator[bytes]:
