@@ -137,7 +137,11 @@ GROUP BY c.oid, n.nspname, c.relname
 ROW_KEYS = "SELECT ctid::text AS ctid, {columns} FROM {table} WHERE ctid = ANY(%s::tid[])"
 ROW_KEY_LOCK_TIMEOUT = "100ms"
 
-SERVER_VERSION = "SELECT current_setting('server_version_num')::int AS v"
+# Server version and whether this role sees other roles' waits (catalog functions, no lock).
+SERVER_VERSION = """
+SELECT current_setting('server_version_num')::int AS v, current_user AS role,
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS read_all_stats
+"""
 
 # Python codec names for PostgreSQL server encodings that differ from Python's spelling.
 _PG_CODECS = {
@@ -467,13 +471,17 @@ def take_snapshot(db: Database) -> LockSnapshot:
     started = time.perf_counter()
     try:
         with db.connection() as conn:
-            version = conn.execute(SERVER_VERSION).fetchone()["v"]
+            info = conn.execute(SERVER_VERSION).fetchone()
+            version = info["v"]
             rows = conn.execute(LOCK_SESSIONS).fetchall()
             sessions = {r["pid"]: _session_from_row(r) for r in rows}
             summary: list[dict[str, Any]] = []
             details: list[dict[str, Any]] = []
             prepared: list[dict[str, Any]] = []
             warnings: list[str] = []
+            if not info["read_all_stats"]:
+                warnings.append(f"role {info['role']} sees only its own sessions' waits and query text "
+                                "(grant pg_read_all_stats or pg_monitor to see every blocker)")
             if sessions:
                 query = LOCK_DETAILS.format(waitstart="waitstart" if version >= 140000 else "NULL::timestamptz")
                 got = conn.execute(query).fetchone()
