@@ -27,6 +27,30 @@ CREATE TABLE IF NOT EXISTS atc.audit (
 CREATE INDEX IF NOT EXISTS audit_at ON atc.audit (at DESC);
 CREATE INDEX IF NOT EXISTS audit_action ON atc.audit (action, at DESC);
 
+-- Who and when come from the server even if an INSERT names them (a hand-written INSERT cannot
+-- claim another role), and rows cannot be changed or deleted except by disabling the trigger,
+-- which only the table's owner can do (and which shows in the server log when logged).
+CREATE OR REPLACE FUNCTION atc.audit_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.db_role := current_user;
+    NEW.client_addr := inet_client_addr();
+    NEW.at := clock_timestamp();
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION atc.audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'atc.audit is append-only: % refused', TG_OP USING ERRCODE = 'insufficient_privilege';
+END $$;
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'atc.audit'::regclass AND tgname = 'audit_stamp') THEN
+        CREATE TRIGGER audit_stamp BEFORE INSERT ON atc.audit FOR EACH ROW EXECUTE FUNCTION atc.audit_stamp();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = 'atc.audit'::regclass AND tgname = 'audit_append_only') THEN
+        CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON atc.audit
+            FOR EACH ROW EXECUTE FUNCTION atc.audit_append_only();
+    END IF;
+END $$;
+
 -- Pauses are append-only events; the current state of an assignment is its latest event.
 -- Writing here never touches "Assignment", so a pause commits even while its rows are locked.
 CREATE TABLE IF NOT EXISTS atc.pause_event (
