@@ -252,7 +252,8 @@ class PagedTable(DataTable):
         self.row_key = row_key
         self.page_size = page_size
         self.window_pages = max(2, window_pages)
-        self.threshold = threshold
+        # Ask early enough to scroll smoothly, but never for a page the screen cannot show yet.
+        self.threshold = max(1, min(threshold, page_size // 3))
         self.rows_by_id: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
         self.after_key: Any | None = None   # more rows after the last held row
