@@ -178,6 +178,7 @@ def _summary_from_skeleton(value: Any, total_bytes: int | None) -> dict[str, Any
 
 _SPECIAL = re.compile(rb'["\\]')
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_NUMBER_CHARS = re.compile(rb"[-+.eE0-9]*")
 _SPACE = b" \t\r\n"
 _SIMPLE_ESCAPES = frozenset(b'"\\/bfnrt')
 
@@ -300,14 +301,14 @@ def _parse_value(reader: _Reader, depth: int, key: str | None = None) -> Any:
     if ch == 0x6E:
         _expect(reader, b"null")
         return None
-    # A number: make sure the whole token is buffered (numbers are short).
+    # A number: buffer up to the first byte that cannot belong to it (numbers are short).
     while True:
-        m = _NUMBER.match(reader.buf, reader.pos)
-        if m and (m.end() < len(reader.buf) or reader._eof):
+        end = _NUMBER_CHARS.match(reader.buf, reader.pos).end()
+        if end < len(reader.buf) or not reader.fill():
             break
-        if not reader.fill():
-            m = _NUMBER.match(reader.buf, reader.pos)
-            break
+        if len(reader.buf) - reader.pos > 400:
+            raise ValueError("number too long in log")
+    m = _NUMBER.match(reader.buf, reader.pos)
     if not m or m.end() == reader.pos:
         raise ValueError(f"invalid JSON value near byte {reader._dropped + reader.pos}")
     token = m.group(0)
