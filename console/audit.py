@@ -9,9 +9,10 @@ on ``atc.audit``.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from psycopg.types.json import Jsonb
@@ -102,6 +103,43 @@ def list_audit(db: Database, *, before_id: int | None = None, operator: str | No
         "before_id": before_id, "operator": operator, "action": action, "target": target,
         "since": since, "until": until, "limit": limit,
     }, what="audit listing")
+
+
+# Operators and actions present in the trail, for filter choices (atc.audit is small; no lock
+# beyond reading it).
+AUDIT_FACETS = """
+SELECT 'operator' AS facet, operator AS value, count(*) AS n FROM atc.audit GROUP BY operator
+UNION ALL
+SELECT 'action', action, count(*) FROM atc.audit GROUP BY action
+ORDER BY facet, n DESC
+"""
+
+
+def audit_facets(db: Database) -> dict[str, list[str]]:
+    """{"operator": [...], "action": [...]}, most frequent first."""
+    out: dict[str, list[str]] = {"operator": [], "action": []}
+    for row in db.fetch(AUDIT_FACETS, what="audit facets"):
+        out[row["facet"]].append(row["value"])
+    return out
+
+
+_RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_time(text: str | None, *, now: datetime | None = None, what: str = "--since") -> datetime | None:
+    """'15m', '2h', '3d' (that long ago) or an ISO date/time (local time if no zone) -> aware datetime."""
+    if text is None or not str(text).strip():
+        return None
+    now = now or datetime.now(timezone.utc)
+    m = _RELATIVE.match(str(text))
+    if m:
+        return now - timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2).lower()])
+    try:
+        value = datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise AtcError(f"{what} {text!r} is not a time (use e.g. 15m, 2h, 3d, 2024-04-12 or 2024-04-12T09:30)") from None
+    return value if value.tzinfo else value.astimezone()
 
 
 def _jsonable(value: Any) -> Any:

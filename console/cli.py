@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "console.commands.core",
     "console.commands.demo",
     "console.commands.browse",
+    "console.commands.locks",
     "console.commands.migrate",
 ]
 

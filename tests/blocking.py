@@ -117,3 +117,17 @@ def seed_jobs(dsn: str, count: int = 5) -> None:
             "SELECT 'http://cg', 'r' || g, jsonb_build_object('assignment_id', g) FROM generate_series(1, %s) g",
             (count,),
         )
+
+
+def write_config(path, settings, **top: Any):
+    """A TOML config file for `atc --config` pointing at the test database (CLI tests)."""
+    import json as _json
+
+    db = settings.database
+    lines = [f"operator = {_json.dumps(top.get('operator', settings.operator_name))}"]
+    if top.get("read_only"):
+        lines.append("read_only = true")
+    lines += ["[database]", f"dsn = {_json.dumps(db.dsn)}", f"statement_timeout = {_json.dumps(db.statement_timeout)}",
+              f"lock_timeout = {_json.dumps(db.lock_timeout)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -180,3 +180,22 @@ def test_history_keeps_minutes_and_turns_deadlocks_into_deltas():
     assert history.waiting == [2, 3, 4, 5]
     assert history.deadlocks == [0, 0, 1]     # a stats reset (5 -> 0) is not a negative spike
     assert history.deadlocks_per_minute() == pytest.approx(1 / 60 * 60)
+
+
+def test_cli_health_json_and_text(scene, tmp_path, capsys, monkeypatch):
+    import json
+
+    from blocking import write_config
+    from console.cli import main
+
+    settings, app, db = scene
+    monkeypatch.setenv("COLUMNS", "250")
+    config = write_config(tmp_path / "atc.toml", settings)
+    assert main(["--config", str(config), "health", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {t["name"] for t in data["timeouts"]} == {"statement_timeout", "lock_timeout",
+                                                    "idle_in_transaction_session_timeout"}
+    assert data["connections"]["max"] == 400 and "deadlocks" in data and data["tables"]
+    assert main(["--config", str(config), "health"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: statement_timeout is not set" in out and "Biggest tables" in out

@@ -215,3 +215,28 @@ def test_decode_query_falls_back_without_raising():
     assert decode_query(b"\xff\xfe", "UTF8") == "\\xff\\xfe"
     assert decode_query(b"\xff", "NO_SUCH_ENCODING") == "\\xff"
     assert decode_query(None, None) == ""
+
+
+def test_cli_locks_json_and_table(app_db, tmp_path, capsys, monkeypatch):
+    import json
+
+    from blocking import write_config
+    from console.cli import main
+
+    settings, app, db = app_db
+    monkeypatch.setenv("COLUMNS", "250")
+    holder = app.holder("SELECT id FROM job WHERE id = 8 FOR UPDATE")
+    waiter = app.start_blocked("UPDATE job SET state = 'started' WHERE id = 8")
+    app.wait_for_waiters(1)
+    config = write_config(tmp_path / "atc.toml", settings)
+    assert main(["--config", str(config), "locks", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    hp = holder.info.backend_pid
+    assert data["tree"] == [{"pid": hp, "cycle": False, "waiters": [{"pid": waiter.pid, "cycle": False, "waiters": []}]}]
+    assert data["sessions"][str(waiter.pid)]["waiting_for"]["row_key"] == {"id": 8}
+    assert data["sessions"][str(hp)]["state"] == "idle in transaction"
+    assert main(["--config", str(config), "locks", "--full"]) == 0
+    out = capsys.readouterr().out
+    assert str(hp) in out and "idle in transaction" in out and "1 blocking tree(s), 1 waiting session(s)" in out
+    assert main(["--config", str(config), "locks", "--limit", "1"]) == 0
+    assert "1 more" in capsys.readouterr().out

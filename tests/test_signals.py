@@ -147,3 +147,49 @@ def test_reason_is_required(scene):
     settings, app = scene
     with pytest.raises(AtcError, match="reason"):
         signal_backends(settings, "cancel", [SignalTarget(pid=1, backend_start=None)], reason="  ")
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_terminate_with_yes_reports_each_pid(scene, tmp_path, capsys):
+    import json
+
+    from blocking import write_config
+    from console.cli import main
+
+    settings, app = scene
+    holder = app.holder("SELECT id FROM job WHERE id = 3 FOR UPDATE")
+    waiter = app.start_blocked("UPDATE job SET state = 'started' WHERE id = 3")
+    app.wait_for_waiters(1)
+    config = write_config(tmp_path / "atc.toml", settings, operator="oncall")
+    code = main(["--config", str(config), "terminate", str(holder.info.backend_pid), "2000000000",
+                 "--reason", "stuck holder", "--yes", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 1                        # one pid was not there: not everything was signalled
+    assert [(o["pid"], o["outcome"]) for o in data["outcomes"]] == [
+        (holder.info.backend_pid, SIGNALLED), (2000000000, ALREADY_GONE)]
+    assert waiter.finished()
+    db = Database(settings)
+    [row] = list_audit(db, action="terminate")
+    assert row["operator"] == "oncall" and row["outcome"] == "1 signalled, 1 already gone"
+    db.close()
+
+
+def test_cli_refuses_without_confirmation_or_in_read_only(scene, tmp_path, capsys, monkeypatch):
+    import io
+
+    from blocking import write_config
+    from console.cli import main
+
+    settings, app = scene
+    victim = app.connect(autocommit=True)
+    config = write_config(tmp_path / "atc.toml", settings)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))     # not a terminal
+    assert main(["--config", str(config), "cancel", str(victim.info.backend_pid), "--reason", "x"]) == 2
+    assert "needs confirmation" in capsys.readouterr().err
+    assert main(["--config", str(config), "--read-only", "terminate", str(victim.info.backend_pid),
+                 "--reason", "x", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "read-only" in err and err.count("\n") == 1
+    assert victim.execute("SELECT 1").fetchone() == (1,)
