@@ -273,8 +273,9 @@ class Document:
         """The writer appended ``n`` bytes (``data``) of this document to the spool."""
         if data is None:
             data = self.spool.pread(self.base + self.length, n)
-        self.index.feed(data)
+        # Length first: readers trust the index only below ``length``.
         self.length += n
+        self.index.feed(data)
 
     def finish(self) -> None:
         self.complete = True
