@@ -30,6 +30,7 @@ COMMAND_MODULES = [
     "console.commands.browse",
     "console.commands.locks",
     "console.commands.migrate",
+    "console.commands.logs",
 ]
 
 
