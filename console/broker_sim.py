@@ -243,6 +243,7 @@ class BrokerSimulator:
         self._random = random.Random(config.seed)
         self._runner_serial = 0
         self.incident = None  # console.incident.IncidentScenario when replaying the outage
+        self.service_down = False
         self.dispatch_count = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ class BrokerSimulator:
         self._stopping.set()
         if self.incident is not None:
             self.incident.stop()
-        if self._server is not None:
+        if self._server is not None and not self.service_down:
             self._server.shutdown()
             self._server.server_close()
         with self._lock:
@@ -291,6 +292,15 @@ class BrokerSimulator:
                 r.thread.join(timeout=5)
         for t in self._threads:
             t.join(timeout=5)
+
+    def stop_service(self) -> None:
+        """Take the broker itself down (HTTP API and dispatcher) while the runner machines keep
+        polling their rows: the situation in which atc recovers ``--via db``."""
+        self.faults.dispatcher_wedged = True
+        self.service_down = True
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
 
     def __enter__(self) -> "BrokerSimulator":
         return self.start()
