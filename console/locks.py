@@ -69,43 +69,53 @@ LEFT JOIN pg_database d ON d.oid = a.datid
 # What is locked, in one scan of pg_locks (materialised once, used twice): an aggregate per
 # (lock type, relation, mode) and the individual locks on every contended target. Reads only the
 # lock manager's view; relation names come from the catalog cache (regclass), which takes no lock.
+# With ~20k locks the costly part is per-row work, so the exact lock tag (as text) is built only for
+# rows that pass a cheap, hashable pre-filter against the few ungranted locks.
 # {waitstart} is `waitstart` on PostgreSQL >= 14 and NULL before.
 LOCK_DETAILS = """
 WITH l AS MATERIALIZED (
-    SELECT locktype, database, relation, page, tuple, virtualxid, transactionid::text AS transactionid,
-           classid, objid, objsubid, virtualtransaction, pid, mode, granted, {waitstart} AS waitstart,
-           (locktype, database, relation, page, tuple, virtualxid, transactionid, classid, objid, objsubid)::text AS target
+    SELECT locktype, database, relation, page, tuple, virtualxid, transactionid,
+           classid, objid, objsubid, virtualtransaction, pid, mode, granted, {waitstart} AS waitstart
     FROM pg_locks
-), contended AS (
-    SELECT DISTINCT target FROM l WHERE NOT granted
-), waiter_pids AS (
-    SELECT DISTINCT pid FROM l WHERE NOT granted
+), waits AS MATERIALIZED (
+    SELECT * FROM l WHERE NOT granted
+), near AS MATERIALIZED (
+    SELECT l.*, (l.locktype, l.database, l.relation, l.page, l.tuple, l.virtualxid, l.transactionid,
+                 l.classid, l.objid, l.objsubid)::text AS target
+    FROM l
+    WHERE (l.locktype, coalesce(l.relation, 0), coalesce(l.objid, 0), coalesce(l.transactionid::text, l.virtualxid, ''))
+          IN (SELECT locktype, coalesce(relation, 0), coalesce(objid, 0), coalesce(transactionid::text, virtualxid, '')
+              FROM waits)
+       OR (l.locktype = 'tuple' AND l.pid IN (SELECT pid FROM waits))
+), this_db AS (
+    SELECT oid FROM pg_database WHERE datname = current_database()
 )
 SELECT
   (SELECT coalesce(json_agg(s ORDER BY s.waiting DESC, s.granted DESC), '[]'::json) FROM (
-      SELECT l.locktype, l.mode,
-             CASE WHEN l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  THEN l.relation::regclass::text
-                  ELSE l.relation::text END AS relation,
-             (SELECT datname FROM pg_database WHERE oid = l.database) AS database,
-             count(*) FILTER (WHERE l.granted) AS granted,
-             count(*) FILTER (WHERE NOT l.granted) AS waiting,
-             min(l.waitstart) AS oldest_wait_start
-      FROM l
-      WHERE l.locktype <> 'virtualxid'
-      GROUP BY l.locktype, l.mode, l.database, l.relation
+      SELECT g.locktype, g.mode,
+             CASE WHEN g.database = (SELECT oid FROM this_db) THEN g.relation::regclass::text
+                  ELSE g.relation::text END AS relation,
+             (SELECT datname FROM pg_database WHERE oid = g.database) AS database,
+             g.granted, g.waiting, g.oldest_wait_start
+      FROM (SELECT locktype, mode, database, relation,
+                   count(*) FILTER (WHERE granted) AS granted,
+                   count(*) FILTER (WHERE NOT granted) AS waiting,
+                   min(waitstart) AS oldest_wait_start
+            FROM l WHERE locktype <> 'virtualxid'
+            GROUP BY locktype, mode, database, relation) g
   ) s) AS summary,
   (SELECT coalesce(json_agg(d), '[]'::json) FROM (
-      SELECT l.locktype, l.mode, l.granted, l.pid, l.virtualtransaction, l.target,
-             l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AS in_current_db,
-             l.relation AS relation_oid,
-             CASE WHEN l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  THEN l.relation::regclass::text
-                  ELSE l.relation::text END AS relation,
-             l.page, l.tuple, l.virtualxid, l.transactionid, l.classid, l.objid, l.objsubid, l.waitstart
-      FROM l
-      WHERE l.target IN (SELECT target FROM contended)
-         OR (l.locktype = 'tuple' AND l.pid IN (SELECT pid FROM waiter_pids))
+      SELECT n.locktype, n.mode, n.granted, n.pid, n.virtualtransaction, n.target,
+             n.database = (SELECT oid FROM this_db) AS in_current_db,
+             n.relation AS relation_oid,
+             CASE WHEN n.database = (SELECT oid FROM this_db) THEN n.relation::regclass::text
+                  ELSE n.relation::text END AS relation,
+             n.page, n.tuple, n.virtualxid, n.transactionid::text AS transactionid,
+             n.classid, n.objid, n.objsubid, n.waitstart
+      FROM near n
+      WHERE n.target IN (SELECT (locktype, database, relation, page, tuple, virtualxid, transactionid,
+                                 classid, objid, objsubid)::text FROM waits)
+         OR (n.locktype = 'tuple' AND n.pid IN (SELECT pid FROM waits))
   ) d) AS details
 """
 
