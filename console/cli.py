@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "console.commands.locks",
     "console.commands.migrate",
     "console.commands.logs",
+    "console.commands.broker",
 ]
 
 
