@@ -153,3 +153,37 @@ def test_stop_runners_of_paused_assignment_through_the_broker(empty_db, start_br
         assert state == "waiting_for_runner", "the paused assignment's job is back in the queue, unclaimed"
     client.close()
     db.close()
+
+
+def _config_file(tmp_path, settings) -> str:
+    path = tmp_path / "atc.toml"
+    path.write_text(f'operator = "cli-tester"\n[database]\ndsn = "{settings.database.dsn}"\n'
+                    f'[broker]\nurl = "{settings.broker.url}"\n')
+    return str(path)
+
+
+def test_cli_pause_resume_pauses_json(empty_db, tmp_path, capsys):
+    import json
+
+    from console.cli import main
+
+    with _conn(empty_db) as conn:
+        aid = create_assignment(conn, "CLI lab", works=0, steps=1)
+    cfg = _config_file(tmp_path, empty_db)
+    assert main(["--config", cfg, "pause", str(aid), "--reason", "cli test", "--for", "2h", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["action"] == "pause" and out["events"][0]["assignment_id"] == aid and out["fenced"] is True
+    assert main(["--config", cfg, "pauses", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["operator"] == "cli-tester" and rows[0]["reason"] == "cli test" and rows[0]["expires_at"]
+    assert main(["--config", cfg, "pause", str(aid), "--reason", "x", "--for", "soon"]) == 2
+    assert "--for: 'soon' is not a duration" in capsys.readouterr().err
+    assert main(["--config", cfg, "pause", "424242", "--reason", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atc: no assignment with id 424242") and err.count("\n") == 1
+    assert main(["--config", cfg, "resume", str(aid), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["action"] == "resume"
+    assert main(["--config", cfg, "pauses"]) == 0
+    assert "no assignment is paused" in capsys.readouterr().out
+    assert main(["--config", cfg, "pauses", "--history", "--json"]) == 0
+    assert [e["paused"] for e in json.loads(capsys.readouterr().out)] == [False, True]

@@ -255,3 +255,35 @@ def test_dry_run_changes_nothing(empty_db, start_broker_sim):
     assert sim.faults.dispatcher_wedged
     assert list_audit(db, action="recover-starvation") == []
     db.close()
+
+
+def test_cli_starvation_and_recover_via_db(empty_db, start_broker_sim, tmp_path, capsys):
+    import json
+
+    from console.cli import main
+
+    with _conn(empty_db) as conn:
+        aid = create_assignment(conn, "CLI lab", works=1, steps=1)
+        run = create_run(conn, aid)
+    sim = start_broker_sim(empty_db, register_existing=False)
+    sim.faults.dispatcher_wedged = True
+    job = sim.register_job(run)
+    cfg = tmp_path / "atc.toml"
+    cfg.write_text(f'[database]\ndsn = "{empty_db.database.dsn}"\n[broker]\nurl = "{sim.url}"\n')
+    time.sleep(0.4)
+    assert main(["--config", str(cfg), "starvation", "--waiting-after", "0.2", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["thresholds"]["waiting_after"] == 0.2
+    assert [(f["kind"], f["job_id"]) for f in out["findings"]] == [("waiting_idle", job)]
+    assert main(["--config", str(cfg), "starvation", "--waiting-after", "2x"]) == 2
+    assert "--waiting-after" in capsys.readouterr().err
+    sim.stop_service()
+    code = main(["--config", str(cfg), "recover-starvation", "--via", "db", "--waiting-after", "0.2",
+                 "--watch", "10", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert out["via"] == "db" and out["dispatched"][0]["job_id"] == job and out["watch"]["flowing"] is True
+    assert main(["--config", str(cfg), "recover-starvation"]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "broker-status", "--from-db", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"]["jobs_started"] + 1 >= 1
