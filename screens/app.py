@@ -47,6 +47,12 @@ class Section:
 SECTIONS: list[Section] = [
     Section(mode="browse", key="1", title="Browse", factory="screens.browse:AssignmentsScreen",
             description="assignments → runs → results → steps → log"),
+    Section(mode="locks", key="2", title="Locks", factory="screens.locks:LocksScreen",
+            description="who blocks whom, live; cancel or terminate"),
+    Section(mode="health", key="3", title="Health", factory="screens.health:HealthScreen",
+            description="missing timeouts, waits, deadlocks, connections, big tables"),
+    Section(mode="audit", key="7", title="Audit", factory="screens.audit:AuditScreen",
+            description="every action: operator, role, reason, outcome"),
 ]
 
 
