@@ -186,3 +186,77 @@ async def test_read_only_refuses_signals(scene):
         await pilot.pause(0.2)
         assert isinstance(app.screen, LocksScreen)     # no modal opened
         assert not waiter.finished(0.1)
+
+
+async def test_health_screen_shows_warnings_sparklines_and_sizes(scene):
+    from screens.health import HealthScreen
+
+    settings, application = scene
+    application.holder("SELECT id FROM job WHERE id = 1 FOR UPDATE")
+    application.start_blocked("UPDATE job SET state = 'started' WHERE id = 1")
+    application.wait_for_waiters(1)
+    app = AtcApp(fast(settings, 0.2), start_mode="health")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, HealthScreen) and app.screen.polls >= 3,
+                         what="three health polls")
+        screen = app.screen
+        warnings = screen.query_one("#health-warnings", Static).render().plain
+        assert "statement_timeout is not set for role postgres" in warnings
+        spark = screen.query_one("#spark-waiting", Sparkline)
+        assert len(spark.data) >= 3 and max(spark.data) == 1
+        assert "lock waiters: 1" in screen.query_one("#spark-label-waiting", Static).render().plain
+        facts = screen.query_one("#health-facts", Static).render().plain
+        assert "connections" in facts and "/400" in facts and "oldest idle in transaction: pid" in facts
+        timeouts = screen.query_one("#health-timeouts", DataTable)
+        assert timeouts.row_count >= 3
+        big = screen.query_one("#health-big-tables", DataTable)
+        assert big.row_count >= 1
+        assert any(big.get_cell(r.key, "table").plain == "public.job" for r in big.ordered_rows)
+
+
+async def test_health_screen_as_a_non_superuser_shows_a_banner(pg, scene):
+    from screens.health import HealthScreen
+
+    settings, application = scene
+    dbname = settings.database.dsn.split("dbname=")[1].split()[0]
+    with psycopg.connect(settings.database.dsn, autocommit=True) as admin:
+        admin.execute("DO $$ BEGIN CREATE ROLE atc_nopriv LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    plain = replace(fast(settings), database=replace(settings.database, dsn=pg.dsn(dbname, user="atc_nopriv")))
+    app = AtcApp(plain, start_mode="health")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, HealthScreen) and app.screen.polls >= 1)
+        banner = app.screen.query_one("#health-limits", Static)
+        assert banner.display and "pg_read_all_stats" in banner.render().plain
+
+
+async def test_audit_screen_lists_filters_and_shows_details(scene):
+    from screens.audit import AuditScreen
+
+    settings, application = scene
+    db = Database(settings)
+    record(db, settings, "terminate", [{"pid": 4242, "backend_start": "2024-01-01T00:00:00+00:00"}],
+           reason="stuck [bold]holder[/bold] \x1b[31m", details={"outcomes": [{"pid": 4242, "outcome": "signalled"}]})
+    record(db, replace(settings, operator="alice"), "pause", [{"assignment_id": 7}], reason="exam")
+    db.close()
+    app = AtcApp(settings, start_mode="audit")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, AuditScreen) and app.screen.table.row_count == 2)
+        screen = app.screen
+        table = screen.table
+        assert texts(table, "action") == ["pause", "terminate"]
+        assert texts(table, "db_role") == ["postgres", "postgres"]
+        table.move_cursor(row=1)
+        await pilot.pause(0.05)
+        detail = screen.query_one("#audit-detail", Static).render().plain
+        assert "[bold]holder[/bold]" in detail and "\x1b" not in detail and "signalled" in detail
+        assert "as database role postgres from 127.0.0.1" in detail
+        await pilot.press("slash")
+        await pilot.press(*"alice")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: screen.table.row_count == 1, what="filtered to alice")
+        assert texts(screen.table, "operator") == ["alice"]
+        screen.query_one("#audit-operator", Input).value = ""
+        screen.query_one("#audit-since", Input).value = "not-a-time"
+        screen.action_reload()
+        await pilot.pause(0.1)
+        assert screen.table.row_count == 1      # bad filter: notified, data kept
