@@ -250,14 +250,18 @@ class AtcApp(App[int]):
 
     def _decorate_screen(self, screen: Screen) -> None:
         """Give every full screen the status line and footer, whoever wrote the screen."""
-        from screens.widgets import StatusLine
+        from screens.widgets import BottomBar, StatusLine
 
-        if isinstance(screen, ModalScreen):
+        if isinstance(screen, ModalScreen) or screen.query(StatusLine):
             return
-        if not screen.query(StatusLine):
-            screen.mount(StatusLine())
-        if not screen.query(Footer):
-            screen.mount(Footer())
+        if screen.query(Footer):
+            status = StatusLine()
+            status.styles.dock = "top"
+            screen.mount(status)
+        else:
+            screen.mount(BottomBar(StatusLine(), Footer()))
+        # A footer mounted after the screen resumed missed the bindings signal; ask again.
+        self.call_after_refresh(screen.refresh_bindings)
 
     # -- connection state (Dolphie style: the next check is scheduled when this one ends) -------
 

@@ -94,6 +94,16 @@ class StatusLine(Static):
         return text
 
 
+class BottomBar(Vertical):
+    """Status line above the footer, docked together (two widgets docked to one edge overlap)."""
+
+    DEFAULT_CSS = """
+    BottomBar { dock: bottom; height: 2; }
+    BottomBar > StatusLine { dock: none; }
+    BottomBar > Footer { dock: none; }
+    """
+
+
 # -- modals ---------------------------------------------------------------------------------------
 
 
@@ -376,6 +386,6 @@ class EmptyNote(Static):
 
 
 __all__ = [
-    "ColumnSpec", "ConfirmModal", "EmptyNote", "PagedTable", "ReasonModal", "StatusLine", "Widget", "cell",
+    "BottomBar", "ColumnSpec", "ConfirmModal", "EmptyNote", "PagedTable", "ReasonModal", "StatusLine", "Widget", "cell",
     "state_cell",
 ]
