@@ -812,7 +812,8 @@ class _DemoSeeder:
         # Works: every student of the course who handed in; a few resubmissions leave a deleted one.
         works, results = [], []
         result_plan: list[dict[str, Any]] = []
-        total_works = sum(r["students"] + r["students"] // 10 for r in self.runs)
+        # One deleted earlier submission for every j with j % 10 == 3 below: (n + 6) // 10 of them.
+        total_works = sum(r["students"] + (r["students"] + 6) // 10 for r in self.runs)
         work_id = _reserve_ids(conn, '"Work"', total_works)
         result_id = _reserve_ids(conn, '"AutoTestResult"', sum(r["students"] for r in self.runs))
         for run in self.runs:
