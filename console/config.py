@@ -61,6 +61,14 @@ class BrokerSettings:
     connect_timeout: float = 3.0
     read_timeout: float = 10.0
     retries: int = 2
+    # Starvation thresholds in seconds (console.starvation.Thresholds; CLI flags override).
+    waiting_after: float = 120.0
+    assigned_grace: float = 60.0
+    stalled_after: float = 120.0
+    heartbeat_fresh: float = 30.0
+    not_started_after: float = 600.0
+    # Seconds atc watches after a recovery for runners taking the jobs and results moving.
+    recovery_watch: float = 30.0
 
 
 @dataclass(frozen=True)

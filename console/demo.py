@@ -55,6 +55,14 @@ class DemoStack:
     postgres: EmbeddedPostgres
     s3: EmbeddedS3
     keeper: subprocess.Popen | None = None
+    # The broker simulator (console.broker_sim), started by the keeper once the data is seeded.
+    broker_port: int = 0
+
+    @property
+    def broker(self):
+        from .broker_sim import BrokerSimProcess
+
+        return BrokerSimProcess(self.data_dir / "broker", port=self.broker_port)
 
     @property
     def config_path(self) -> Path:
@@ -88,6 +96,20 @@ prefix = "atc/logs/"
 # The demo's generated keys live in this AWS credentials file, read through boto3's own chain.
 profile = "{DEMO_PROFILE}"
 credentials_file = "{creds}"
+
+[broker]
+# The reference broker/runner simulator started with the demo (console.broker_sim).
+url = "http://127.0.0.1:{self.broker_port}"
+connect_timeout = 2.0
+read_timeout = 10.0
+retries = 2
+# Short starvation thresholds so the demo's incident shows within seconds.
+waiting_after = 10.0
+assigned_grace = 10.0
+stalled_after = 15.0
+heartbeat_fresh = 10.0
+not_started_after = 120.0
+recovery_watch = 20.0
 """
         self.config_path.write_text(text)
         return self.config_path
@@ -113,6 +135,7 @@ credentials_file = "{creds}"
     def record_servers(self) -> None:
         self.update_state(postgres={"port": self.postgres.port, "pid": self.postgres.pid},
                           s3={"port": self.s3.s3_port, "pid": self.s3.pid, "endpoint": self.s3.endpoint_url},
+                          broker={"port": self.broker_port},
                           keeper={"pid": os.getpid()})
 
     def adopt_recorded_servers(self) -> None:
@@ -123,6 +146,7 @@ credentials_file = "{creds}"
         self.s3.s3_port = int(state.get("s3", {}).get("port") or 0)
         self.s3.pid = int(state.get("s3", {}).get("pid") or 0)
         self.s3.load_credentials()
+        self.broker_port = int(state.get("broker", {}).get("port") or 0)
 
     def keeper_pid(self) -> int:
         pid = int(self.load_state().get("keeper", {}).get("pid") or 0)
@@ -158,6 +182,9 @@ credentials_file = "{creds}"
         # sure, by the pid files, that nothing of this data dir still runs).
         if self.postgres.is_running() or self.s3.is_running():
             was_running = True
+        if self.broker.is_running():
+            was_running = True
+        self.broker.stop()
         self.s3.stop()
         self.postgres.stop()
         self.keeper = None
@@ -183,7 +210,7 @@ def stack_for(data_dir: Path) -> DemoStack:
 
 
 def up(data_dir: Path, *, scale: str | None = None, fresh: bool = False, detach: bool = True,
-       progress: Callable[[str], None] = lambda msg: None) -> DemoStack:
+       incident: bool = False, progress: Callable[[str], None] = lambda msg: None) -> DemoStack:
     """Start the services (on free ports), create schemas, seed if not yet seeded, write atc.toml.
 
     detach=True (``atc demo up``): the services keep running after this process exits.
@@ -218,6 +245,8 @@ def up(data_dir: Path, *, scale: str | None = None, fresh: bool = False, detach:
             summary = seed_demo(settings, scale=scale, progress=progress)
             stack.update_state(seeded={"scale": scale, **summary})
         upgrade(settings)
+        progress("starting the broker simulator" + (" and replaying the outage" if incident else ""))
+        _start_broker(stack, incident=incident)
         if detach:
             stack.keeper.stdin.write(b"commit\n")
             stack.keeper.stdin.flush()
@@ -227,6 +256,27 @@ def up(data_dir: Path, *, scale: str | None = None, fresh: bool = False, detach:
         stack.stop()
         raise
     return stack
+
+
+def _start_broker(stack: DemoStack, *, incident: bool, timeout: float = 60.0) -> None:
+    """Ask the keeper to start the broker simulator (so it lives and dies with the other
+    services), then wait until it answers on the configured URL."""
+    import httpx
+
+    stack.keeper.stdin.write(b"broker incident\n" if incident else b"broker\n")
+    stack.keeper.stdin.flush()
+    url = f"{stack.broker.url}/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack.keeper.poll() is not None:
+            break
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AtcError(f"the broker simulator did not answer on {url}; see {stack.broker.log_path}")
 
 
 def _launch_keeper(data_dir: Path, progress: Callable[[str], None]) -> subprocess.Popen:
@@ -311,11 +361,20 @@ def _keeper_main(data_dir: Path) -> int:
         stack.s3.start(tie_to_parent=True)
         say("progress", f"S3 listening on {stack.s3.endpoint_url}")
         stack.postgres.create_database(DEMO_DATABASE)
+        from .embedded import free_ports
+
+        stack.broker_port = free_ports(1)[0]
         stack.write_config()
         stack.record_servers()
         say("ready")
         committed = False
         for line in sys.stdin:
+            if line.split()[:1] == ["broker"]:
+                # Started here, tied to the keeper, once the launcher has seeded the database.
+                broker = stack.broker
+                broker.start(stack.postgres.dsn(DEMO_DATABASE), runners=6, demo_load_interval=20.0,
+                             incident="incident" in line.split(), tie_to_parent=True)
+                continue
             if line.strip() == "commit":
                 committed = True
                 break
@@ -335,6 +394,7 @@ def _keeper_main(data_dir: Path) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         try:
+            stack.broker.stop()
             stack.s3.stop()
         finally:
             stack.postgres.stop()

@@ -57,6 +57,12 @@ class Thresholds:
     def params(self) -> dict[str, float]:
         return asdict(self)
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Thresholds":
+        b = settings.broker
+        return cls(waiting_after=b.waiting_after, assigned_grace=b.assigned_grace, stalled_after=b.stalled_after,
+                   heartbeat_fresh=b.heartbeat_fresh, not_started_after=b.not_started_after)
+
 
 # -- detection queries ---------------------------------------------------------------------------
 # All are plain reads (no FOR UPDATE/SHARE): they never wait on the broker's or the application's
@@ -490,7 +496,7 @@ def recover_starvation(db: Database, settings: Settings, *, via: str = "broker",
     """Detect, recover (audited unless a dry run), then watch. ``via`` is 'broker' or 'db'."""
     if via not in ("broker", "db"):
         raise AtcError(f"--via must be 'broker' or 'db', not {via!r}")
-    th = thresholds or Thresholds()
+    th = thresholds or Thresholds.from_settings(settings)
     findings = find_starvation(db, th)
     if dry_run:
         if via == "broker":

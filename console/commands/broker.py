@@ -42,8 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--via", choices=("broker", "db"), default="broker",
                    help="broker: its admin API (default); db: directly, with SKIP LOCKED (broker down)")
     p.add_argument("--dry-run", action="store_true", help="show what would be done; change nothing")
-    p.add_argument("--watch", type=float, default=30.0, metavar="SECONDS",
-                   help="watch this long afterwards for runners and results moving (default 30; 0: off)")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="watch this long afterwards for runners and results moving "
+                        "(default [broker] recovery_watch, 30; 0: off)")
     p.add_argument("--reason", default="", help="why (audited)")
     _threshold_flags(p)
     add_json_flag(p)
@@ -68,7 +69,7 @@ def _threshold_flags(p: argparse.ArgumentParser) -> None:
     from ..starvation import Thresholds
 
     d = Thresholds()
-    g = p.add_argument_group("thresholds (durations: 90s, 5m, 1h)")
+    g = p.add_argument_group("thresholds (durations: 90s, 5m, 1h; defaults from [broker] in the config)")
     g.add_argument("--waiting-after", default=None, metavar="D",
                    help=f"job waiting for a runner while runners idle (default {human_duration(d.waiting_after)})")
     g.add_argument("--assigned-grace", default=None, metavar="D",
@@ -81,13 +82,13 @@ def _threshold_flags(p: argparse.ArgumentParser) -> None:
                    help=f"results not started on unpaused assignments (default {human_duration(d.not_started_after)})")
 
 
-def thresholds_from(args: argparse.Namespace):
+def thresholds_from(args: argparse.Namespace, settings):
     from dataclasses import replace
 
     from ..pauses import parse_duration
     from ..starvation import Thresholds
 
-    th = Thresholds()
+    th = Thresholds.from_settings(settings)
     changes = {}
     for name in ("waiting_after", "assigned_grace", "stalled_after", "heartbeat_fresh", "not_started_after"):
         raw = getattr(args, name, None)
@@ -189,7 +190,7 @@ _FINDING_COLUMNS = [("kind", "Kind"), ("job_id", "Job"), ("runner_id", "Runner")
 def cmd_starvation(ctx: Context, args: argparse.Namespace) -> int:
     from ..starvation import find_starvation
 
-    th = thresholds_from(args)
+    th = thresholds_from(args, ctx.settings)
     findings = [f.as_dict() for f in find_starvation(ctx.db, th)]
     # Exit status 1 when something starves (handy in monitoring scripts), in both output modes.
     if ctx.json_output:
@@ -204,16 +205,17 @@ def cmd_starvation(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_recover(ctx: Context, args: argparse.Namespace) -> int:
     from ..starvation import recover_starvation
 
-    th = thresholds_from(args)
+    th = thresholds_from(args, ctx.settings)
+    watch = ctx.settings.broker.recovery_watch if args.watch is None else args.watch
     progress = None
-    if not ctx.json_output and args.watch > 0 and not args.dry_run:
+    if not ctx.json_output and watch > 0 and not args.dry_run:
         def progress(summary):
             moved = sum(1 for j in summary["jobs"] if j["results_moved"])
             sys.stderr.write(f"\r  watching {summary['watched_seconds']:5.1f}s: {moved}/{len(summary['jobs'])} "
                              f"job(s) moving ")
             sys.stderr.flush()
     report = recover_starvation(ctx.db, ctx.settings, via=args.via, dry_run=args.dry_run, thresholds=th,
-                                watch_seconds=0 if args.dry_run else args.watch, reason=args.reason,
+                                watch_seconds=0 if args.dry_run else watch, reason=args.reason,
                                 on_tick=progress)
     data = report.as_dict()
     if ctx.json_output:

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=SCALES, default=None,
                    help="size of the seeded data set (default: small, or what the data dir already holds)")
     p.add_argument("--fresh", action="store_true", help="throw away the data dir and seed again")
+    p.add_argument("--incident", action="store_true",
+                   help="replay the outage live: huge logs, piling locks, a starving broker (docs/incident.md)")
     p.set_defaults(handler=no_settings(cmd_demo))
     dsub = p.add_subparsers(dest="demo_command", metavar="ACTION")
 
@@ -28,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--data-dir", type=Path, default=None)
     u.add_argument("--scale", choices=SCALES, default=None)
     u.add_argument("--fresh", action="store_true")
+    u.add_argument("--incident", action="store_true", help="start the outage replay too")
     add_json_flag(u)
     u.set_defaults(handler=no_settings(cmd_demo_up))
 
@@ -44,13 +47,16 @@ def _progress(message: str) -> None:
 
 def cmd_demo_up(ctx: Context | None, args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data_dir()
-    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=True, progress=_progress)
+    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=True, incident=args.incident,
+               progress=_progress)
     info = {
         "data_dir": str(stack.data_dir),
         "config": str(stack.config_path),
         "postgres": stack.postgres.dsn("autotest"),
         "s3_endpoint": stack.s3.endpoint_url,
         "bucket": stack.s3.bucket,
+        "broker": stack.broker.url,
+        "incident": bool(args.incident),
         "seeded": stack.load_state().get("seeded", {}),
     }
     if getattr(args, "json", False):
@@ -59,6 +65,7 @@ def cmd_demo_up(ctx: Context | None, args: argparse.Namespace) -> int:
         print(f"demo is up in {stack.data_dir}")
         print(f"  PostgreSQL  {info['postgres']}")
         print(f"  S3          {info['s3_endpoint']} bucket {info['bucket']}")
+        print(f"  broker      {info['broker']}{'  (replaying the outage: see docs/incident.md)' if args.incident else ''}")
         print(f"  config      {info['config']}")
         print()
         print(f"  atc --config {info['config']}               # open the console")
@@ -86,7 +93,8 @@ def cmd_demo(ctx: Context | None, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise)
     signal.signal(signal.SIGHUP, _raise)
-    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=False, progress=_progress)
+    stack = up(data_dir, scale=args.scale, fresh=args.fresh, detach=False, incident=args.incident,
+               progress=_progress)
     try:
         from screens.app import run_app
 
