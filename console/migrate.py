@@ -433,12 +433,13 @@ class _FaultingReader:
     """A body wrapper that triggers the `during_upload` fault after half the bytes were sent."""
 
     def __init__(self, raw: Any, total: int) -> None:
-        self._raw, self._half, self._sent = raw, max(1, total // 2), 0
+        self._raw, self._half, self._sent, self._fired = raw, max(1, total // 2), 0, False
 
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
         self._sent += len(data)
-        if self._sent >= self._half:
+        if self._sent >= self._half and not self._fired:
+            self._fired = True  # one hit per upload, so ATC_FAULT_SKIP counts logs
             fault_point("during_upload")
         return data
 
@@ -609,7 +610,8 @@ class LogMover:
             class _KillAfterFirstPart(BaseSubscriber):
                 def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
                     self.sent = getattr(self, "sent", 0) + bytes_transferred
-                    if self.sent >= chunk:
+                    if self.sent >= chunk and not getattr(self, "fired", False):
+                        self.fired = True  # after the first part went out, others in flight
                         fault_point("during_upload")
 
             subscribers.append(_KillAfterFirstPart())
@@ -883,7 +885,9 @@ def _run(settings: Settings, db: Database, store: ObjectStore, opts: MigrationOp
             except Exception as exc:  # a bug must not lose the accounting of the others
                 outcome = MoveOutcome(sid, "failed", error=f"{type(exc).__name__}: {first_line(exc)}")
             record(outcome, size if outcome.status != "cancelled" else 0)
-            if track and outcome.status != "cancelled":
+            if track and outcome.status in ("moved", "running", "gone"):
+                # Failed, locked, changed or busy logs pin the watermark below them, so a resumed
+                # run scans them again (moved logs after them are no longer candidates).
                 watermark.done(sid)
             if consecutive_failures >= opts.max_consecutive_failures and not fatal:
                 fatal.append(FatalRunError(

@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-bytes", type=_size, metavar="SIZE", help="stop after this many stored bytes")
     p.add_argument("--reason", default="", help="why (recorded in the audit trail)")
     p.add_argument("--new-run", action="store_true", help="start a new run instead of resuming an unfinished one")
+    p.add_argument("--part-size", type=_size, default=_size("16MB"), metavar="SIZE",
+                   help="logs above this size are uploaded in parts of this size (default 16MB; S3 minimum 5MB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_flag(p)
     p.set_defaults(handler=cmd_migrate)
@@ -109,7 +111,8 @@ def _options(args: argparse.Namespace):
     k, n = parse_shard(args.shard)
     return MigrationOptions(min_size=args.min_size, assignment_ids=tuple(args.assignment), concurrency=args.concurrency,
                             shard=k, shard_count=n, max_bytes=args.max_bytes, reason=args.reason,
-                            new_run=args.new_run)
+                            new_run=args.new_run, multipart_threshold=args.part_size,
+                            multipart_chunksize=args.part_size)
 
 
 def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
