@@ -256,7 +256,7 @@ class LogViewerScreen(Screen):
     def __init__(self, step_result_id: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step_result_id = int(step_result_id)
-        self.log: OpenLog | None = None
+        self.opened: OpenLog | None = None
         self.search_text = ""
         self._search_stop = threading.Event()
         self._part_names: list[str] = []
@@ -289,8 +289,8 @@ class LogViewerScreen(Screen):
         self._search_stop.set()
         if self._timer is not None:
             self._timer.stop()
-        if self.log is not None:
-            log, self.log = self.log, None
+        if self.opened is not None:
+            log, self.opened = self.opened, None
             # Closing joins the spool threads (a server-side cancel for a running COPY): off the UI.
             threading.Thread(target=log.close, name="atc-log-close", daemon=True).start()
 
@@ -315,7 +315,7 @@ class LogViewerScreen(Screen):
         if not self.is_mounted:
             log.close()
             return
-        self.log = log
+        self.opened = log
         self.lines_widget.show(log.raw, raw_mode=True)
         self._select_tab("raw")
         self._tick()
@@ -324,7 +324,7 @@ class LogViewerScreen(Screen):
     # -- progress --
 
     def _tick(self) -> None:
-        log = self.log
+        log = self.opened
         if log is None:
             return
         self._sync_parts()
@@ -344,7 +344,7 @@ class LogViewerScreen(Screen):
                 self.notify(log.error, severity="error", markup=False)
 
     def _sync_parts(self) -> None:
-        log = self.log
+        log = self.opened
         if log is None:
             return
         tabs = self.query_one(Tabs)
@@ -356,7 +356,7 @@ class LogViewerScreen(Screen):
                 self._select_tab(doc.name)
 
     def _update_header(self) -> None:
-        log = self.log
+        log = self.opened
         if log is None:
             return
         loc = log.location
@@ -374,7 +374,7 @@ class LogViewerScreen(Screen):
         self.query_one("#log-header", Static).update(Text(one_line(" · ".join(str(b) for b in bits), 400)))
 
     def _update_status(self, message: str | None = None) -> None:
-        log = self.log
+        log = self.opened
         widget = self.lines_widget
         parts = []
         if log is not None:
@@ -418,7 +418,7 @@ class LogViewerScreen(Screen):
 
     @on(Tabs.TabActivated, "#log-parts")
     def _tab_activated(self, event: Tabs.TabActivated) -> None:
-        log = self.log
+        log = self.opened
         if log is None:
             return
         name = self._current_part()
@@ -453,7 +453,7 @@ class LogViewerScreen(Screen):
         self._update_status()
 
     def action_end(self) -> None:
-        log = self.log
+        log = self.opened
         widget = self.lines_widget
         if log is None or widget.document is None:
             return
@@ -470,7 +470,7 @@ class LogViewerScreen(Screen):
 
     @work(thread=True, exclusive=True, group="log-tail", exit_on_error=False)
     def fetch_tail(self, count: int) -> None:
-        log = self.log
+        log = self.opened
         if log is None:
             return
         try:
@@ -482,7 +482,7 @@ class LogViewerScreen(Screen):
 
     def _show_tail(self, lines: list[DisplayLine]) -> None:
         widget = self.lines_widget
-        if self.log is None or self.log.complete:
+        if self.opened is None or self.opened.complete:
             widget.go_to_end()
         else:
             widget.preview = lines

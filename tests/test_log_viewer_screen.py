@@ -1,0 +1,218 @@
+"""The log viewer screen, driven with the pilot against real PostgreSQL and S3."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+from textual.app import App
+
+from console.db import Database
+from console.storage import ObjectStore
+from screens.log_viewer import LogLines, LogViewerScreen
+from tests.log_support import LogFactory, json_log
+
+REAL = Path(__file__).resolve().parent / "data" / "runner-outputs"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # \t and \n cannot appear in strips either
+MARKUP = "[bold red]x[/] [link=https://evil.example]click[/link]"
+
+
+class ViewerApp(App):
+    """The two attributes the viewer needs from atc's app, nothing else."""
+
+    def __init__(self, settings) -> None:
+        super().__init__()
+        self.browse_db = Database(settings)
+        self.store = ObjectStore(settings)
+
+    def on_unmount(self) -> None:
+        self.browse_db.close()
+
+
+def real_cases() -> list[str]:
+    return sorted({p.stem for p in REAL.iterdir() if p.suffix in (".stdout", ".stderr")})
+
+
+@pytest.fixture
+def logs(empty_db):
+    factory = LogFactory(empty_db)
+    yield factory
+    factory.close()
+
+
+def store_log(logs: LogFactory, raw: bytes) -> int:
+    """Inline if PostgreSQL's json accepts it (it refuses lone \\udcXX escapes), else moved to S3."""
+    try:
+        return logs.inline(raw)
+    except psycopg.errors.DataError:
+        return logs.moved(raw)
+
+
+async def wait_loaded(pilot, screen: LogViewerScreen, timeout: float = 20) -> None:
+    for _ in range(int(timeout / 0.05)):
+        await pilot.pause(0.05)
+        if screen.error:
+            raise AssertionError(screen.error)
+        if screen.opened is not None and screen.opened.complete and screen.opened.parts_complete and screen._timer is None:
+            await pilot.pause()
+            return
+    raise AssertionError("log did not load")
+
+
+def strips_text(widget: LogLines) -> str:
+    rows = []
+    for y in range(widget.size.height):
+        rows.append("".join(seg.text for seg in widget.render_line(y)))
+    return "\n".join(rows)
+
+
+def assert_inert(app: App, widget: LogLines, *, screenshot: bool = True) -> None:
+    text = strips_text(widget)
+    assert not CONTROL.search(text), repr(CONTROL.search(text))
+    if screenshot:  # the whole screen as the terminal gets it (slower: once per log)
+        svg = app.export_screenshot()
+        assert "\x1b" not in svg and not CONTROL.search(svg.replace("\n", ""))
+
+
+async def test_every_real_output_renders_inert(logs, empty_db):
+    cases = real_cases()
+    assert len(cases) >= 20
+    ids = {}
+    for name in cases:
+        out = (REAL / f"{name}.stdout").read_bytes() if (REAL / f"{name}.stdout").exists() else b""
+        err = (REAL / f"{name}.stderr").read_bytes() if (REAL / f"{name}.stderr").exists() else b""
+        ids[name] = (store_log(logs, json_log(stdout=out + MARKUP.encode(), stderr=err)), out, err)
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(120, 40)) as pilot:
+        for name, (sid, out, err) in ids.items():
+            screen = LogViewerScreen(sid)
+            await app.push_screen(screen)
+            await wait_loaded(pilot, screen)
+            widget = screen.lines_widget
+            for part in ("stdout", "stderr", "raw", "summary"):
+                screen.select_part(part)
+                await pilot.pause()
+                for colour in (True, False):
+                    if widget.colour != colour:
+                        await pilot.press("c")
+                    assert_inert(app, widget, screenshot=colour and part == "stdout")
+                if part == "stdout" and len(out) < 5000:
+                    # markup-looking text is shown literally, after the program's own output
+                    await pilot.press("G")
+                    await pilot.pause()
+                    assert MARKUP in strips_text(widget)
+                    # the decoded part: JSON \udcXX escapes (bytes that were not UTF-8) kept as surrogates
+                    expected = (out + MARKUP.encode()).decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass")
+                    assert screen.opened.part("stdout").read(0, 1 << 22) == expected
+            await pilot.press("w")  # wrapped rendering of the same text is inert too
+            await pilot.pause()
+            assert_inert(app, widget, screenshot=False)
+            await pilot.press("w")
+            app.pop_screen()
+            await pilot.pause()
+
+
+async def test_colour_escapes_and_bad_bytes_are_shown(logs, empty_db):
+    stdout = (b"\x1b[31mred\x1b[0m \x1b]0;title\x07 \x1b[2J \xff\xfe nul:\x00 cr:\r bell:\x07\n" + MARKUP.encode())
+    sid = logs.moved(json_log(stdout=stdout, stderr="\ud800 lone"))
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(120, 30)) as pilot:
+        screen = LogViewerScreen(sid)
+        await app.push_screen(screen)
+        await wait_loaded(pilot, screen)
+        widget = screen.lines_widget
+        screen.select_part("stdout")
+        await pilot.pause()
+        rows = widget.rendered_rows()
+        first = rows[0]
+        assert "red \\e]0;title\\a \\e[2J" in first
+        # raw bytes became \udcXX escapes when the runner stored them as JSON text
+        assert "\\udcff\\udcfe nul:\\0 cr:\\r bell:\\a" in first
+        assert rows[1].endswith(MARKUP)
+        assert any(s.style.color and s.style.color.name == "red"
+                   for s in widget._build_layout()[0][1].spans if s.style)
+        await pilot.press("c")
+        assert not any(getattr(s.style, "color", None) for s in widget._build_layout()[0][1].spans)
+        screen.select_part("stderr")
+        await pilot.pause()
+        assert widget.rendered_rows()[0].endswith("\\ud800 lone")
+        assert_inert(app, widget)
+        header = str(app.screen.query_one("#log-header").render())
+        assert f"step result {sid}" in header and "S3" in header and "exit 1" in header
+
+
+async def test_keys_top_end_search_next_previous(logs, empty_db):
+    lines = [f"line {i:05d} {'match' if i in (150, 2600, 4100) else 'plain'}" for i in range(5000)]
+    sid = logs.inline(json_log(stdout="\n".join(lines) + "\n"))
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = LogViewerScreen(sid)
+        await app.push_screen(screen)
+        await wait_loaded(pilot, screen)
+        widget = screen.lines_widget
+        assert screen._current_part() == "stdout"  # chosen by default once found
+        assert widget.rendered_rows()[0].strip().startswith("1 line 00000")
+        await pilot.press("G")
+        await pilot.pause()
+        assert widget.rendered_rows()[-1].strip().endswith("line 04999 plain")
+        await pilot.press("g")
+        await pilot.pause()
+        assert widget.top_line == 0
+        await pilot.press("slash")
+        await pilot.press(*"match")
+        await pilot.press("enter")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if widget.hit_line is not None:
+                break
+        assert widget.hit_line == 150
+        assert any("line 00150 match" in r for r in widget.rendered_rows())
+        await pilot.press("n")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if widget.hit_line == 2600:
+                break
+        assert widget.hit_line == 2600
+        await pilot.press("N")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if widget.hit_line == 150:
+                break
+        assert widget.hit_line == 150
+        await pilot.press("pagedown")
+        await pilot.pause()
+        assert widget.top_line > 0
+
+
+async def test_one_megabyte_line_is_cut_and_wrapped_in_pieces(logs, empty_db):
+    out = (REAL / "long_line_1mb.stdout").read_bytes()
+    sid = logs.inline(json_log(stdout=out))
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = LogViewerScreen(sid)
+        await app.push_screen(screen)
+        await wait_loaded(pilot, screen)
+        widget = screen.lines_widget
+        doc = screen.opened.part("stdout")
+        assert doc.line_count >= len(out) // 2048
+        rows = widget.rendered_rows()
+        assert rows[1].lstrip().startswith("↪")
+        await pilot.press("w")
+        await pilot.pause()
+        assert len(widget.rendered_rows()) == widget.size.height
+        assert_inert(app, widget)
+
+
+async def test_unknown_id_is_a_notification(empty_db):
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(100, 20)) as pilot:
+        screen = LogViewerScreen(424242)
+        await app.push_screen(screen)
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if screen.error:
+                break
+        assert "424242" in screen.error and "does not exist" in screen.error
+        assert any(n.severity == "error" for n in app._notifications)
