@@ -124,13 +124,89 @@ def timed(fn, rounds: int) -> list[float]:
     return out
 
 
+def screenshot(path: Path) -> None:
+    """Save an SVG of the lock screen during a real block (for docs/locks.md)."""
+    import asyncio
+    from dataclasses import replace
+
+    from screens.app import AtcApp
+    from screens.locks import LocksScreen
+
+    with tempfile.TemporaryDirectory(prefix="atc-shot-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "pg").start(tie_to_parent=True)
+        conns: list[psycopg.Connection] = []
+        try:
+            pg.create_database("codegrade")
+            dsn = pg.dsn("codegrade")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                install_reference_schema(conn)
+                conn.execute("INSERT INTO job (cg_url, remote_id, job_metadata) SELECT 'https://cg.example', "
+                             "'run-' || g, jsonb_build_object('assignment_id', g) FROM generate_series(1, 20) g")
+            settings = settings_from_mapping({"operator": "oncall", "database": {"dsn": dsn},
+                                              "ui": {"refresh_interval": 0.5}})
+            upgrade(settings)
+
+            def session(name: str, *statements: str, autocommit: bool = False) -> psycopg.Connection:
+                c = psycopg.connect(dsn, autocommit=autocommit, application_name=name)
+                conns.append(c)
+                for st in statements:
+                    c.execute(st)
+                return c
+
+            def send(c: psycopg.Connection, text: str) -> None:
+                c.pgconn.send_query(text.encode())
+
+            def wait_for(n: int) -> None:
+                with psycopg.connect(dsn, autocommit=True) as probe:
+                    while probe.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] < n:
+                        time.sleep(0.05)
+
+            session("codegrade-web", "SELECT id, state FROM job WHERE id = 3 FOR UPDATE")
+            send(session("broker", "SELECT id FROM job WHERE id = 7 FOR UPDATE"),
+                 "UPDATE job SET state = 'started', updated_at = now() WHERE id = 3")
+            wait_for(1)
+            send(session("codegrade-web"), "UPDATE job SET wanted_runners = 4 WHERE id = 3")
+            wait_for(2)
+            send(session("runner-17"), "UPDATE job SET state = 'finished' WHERE id = 7")
+            wait_for(3)
+            session("broker-dispatch", "SELECT pg_advisory_lock(4242)", autocommit=True)
+            send(session("runner-21", autocommit=True), "SELECT pg_advisory_lock(4242) /* dispatch */")
+            wait_for(4)
+            time.sleep(1.5)      # let the transaction ages read like an incident, not like zero
+
+            async def run() -> None:
+                app = AtcApp(settings, start_mode="locks")
+                async with app.run_test(size=(160, 38)) as pilot:
+                    for _ in range(200):
+                        await pilot.pause(0.05)
+                        if isinstance(app.screen, LocksScreen) and app.screen.tree.row_count >= 6:
+                            break
+                    app.screen.tree.move_cursor(row=0)
+                    await pilot.pause(0.3)
+                    app.save_screenshot(filename=path.name, path=str(path.parent))
+
+            asyncio.run(run())
+        finally:
+            for c in conns:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+            pg.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--screenshot", type=Path, help="only save an SVG of the lock screen during a real block")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--sessions", type=int, default=300)
     parser.add_argument("--locks", type=int, default=20000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.screenshot:
+        screenshot(args.screenshot.resolve())
+        print(f"saved {args.screenshot}")
+        return 0
 
     queries, pga_version = pg_activity_queries()
     with tempfile.TemporaryDirectory(prefix="atc-bench-locks-") as tmp:
@@ -183,6 +259,7 @@ def main() -> int:
                              "blockers": len(atc_blockers)},
                 "pg_activity_blockers": len(pga_blockers),
                 "named_by_pg_activity_not_blocking": sorted(pga_blockers - atc_blockers),
+                "blocking_missed_by_pg_activity": len(atc_blockers - pga_blockers),
                 "non_conflicting_reader_named_by_pg_activity": facts["non_conflicting_reader_pid"] in pga_blockers,
                 "non_conflicting_reader_named_by_atc": facts["non_conflicting_reader_pid"] in atc_blockers,
             }
@@ -205,7 +282,8 @@ def main() -> int:
         print(f"pg_activity blocking   median {result['pg_activity_blocking_ms']['median']:7.1f} ms")
         print(f"pg_activity both       median {result['pg_activity_both_ms']['median']:7.1f} ms   p95 {result['pg_activity_both_ms']['p95']:7.1f} ms")
         print(f"ratio atc / pg_activity: {result['ratio_atc_over_pg_activity']:.2f}")
-        print(f"blockers named: atc {result['atc_tree']['blockers']}, pg_activity {result['pg_activity_blockers']}; "
+        print(f"blockers named: atc {result['atc_tree']['blockers']}, pg_activity {result['pg_activity_blockers']} "
+              f"(pg_activity misses {result['blocking_missed_by_pg_activity']}); "
               f"non-conflicting reader named by pg_activity: {result['non_conflicting_reader_named_by_pg_activity']}, "
               f"by atc: {result['non_conflicting_reader_named_by_atc']}")
     return 0

@@ -232,7 +232,7 @@ class LocksScreen(LiveScreen):
                 table.add_row(cell(g.get("locktype")), cell(g.get("relation") or "-"), cell(g.get("mode")),
                               Text(str(g.get("granted", 0)), justify="right"),
                               Text(str(g.get("waiting", 0)), justify="right", style="yellow"),
-                              cell(g.get("oldest_wait_start") or "-", 40))
+                              cell(_since(g.get("oldest_wait_start")), 40))
 
     # -- selection, detail -----------------------------------------------------------------------
 
@@ -353,6 +353,20 @@ class LocksScreen(LiveScreen):
                             for o in report.outcomes)
         self.notify(f"{report.action}: {one_line(details, 300)}", severity=severity, markup=False)
         self.action_refresh_now()
+
+
+def _since(value: Any) -> str:
+    """'17:42:40 (1m05s ago)' from an ISO timestamp string (json_agg output) or a datetime."""
+    from datetime import datetime, timezone
+
+    if not value:
+        return "-"
+    try:
+        at = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    ago = (datetime.now(timezone.utc) - at).total_seconds()
+    return f"{at.astimezone().strftime('%H:%M:%S')} ({human_duration(max(0.0, ago))} ago)"
 
 
 def _target(s: LockSession) -> SignalTarget:
