@@ -35,7 +35,17 @@ LEFT JOIN atc.moved_log m ON m.step_result_id = s.id
 WHERE s.id = %s
 """
 
-_COPY_LOG = "COPY (SELECT log FROM auto_test_step_result WHERE id = {id}) TO STDOUT (FORMAT BINARY)"
+# The value leaves the server as rows of at most 1 MiB: libpq receives a COPY row as one message
+# and holds it whole, so ``COPY (SELECT log ...)`` of a 500 MB log would cost the client 500 MB.
+# The server de-TOASTs the value once (the OFFSET 0 fence keeps it a single in-memory datum) and
+# slices the bytea in O(slice) each; the lateral generate_series yields the slices in order.
+# Reads one row by primary key; ACCESS SHARE only, no row lock.
+_COPY_LOG = (
+    "COPY (SELECT substring(s.b FROM g FOR 1048576)"
+    " FROM (SELECT convert_to(log::text, 'UTF8') AS b FROM auto_test_step_result"
+    " WHERE id = {id} OFFSET 0) AS s,"
+    " LATERAL generate_series(1, octet_length(s.b), 1048576) AS g) TO STDOUT (FORMAT BINARY)"
+)
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 
 

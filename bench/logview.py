@@ -1,0 +1,167 @@
+"""Benchmark: opening a 500 MB log in the viewer's model (console.logview), inline and in S3.
+
+Starts embedded PostgreSQL and S3 in a temporary directory, stores one JSON log of SIZE_MB
+(run_program shape, a pytest-like stdout with colour, a marker near the end), inline in a row
+and as an S3 object with its atc.moved_log pointer, then measures for each location:
+
+- time to the first 40 display lines (raw and the decoded ``stdout`` part),
+- time until the end is reachable (spool complete; for S3 also the ranged-GET tail preview),
+- a forward search for the marker near the end of ``stdout`` (after it is decoded),
+- peak RSS of this process (VmHWM) after each run,
+
+against baselines measured in the same run: ``COPY (SELECT log ...) TO STDOUT`` of the same
+value to /dev/null via psycopg, and a plain boto3 ``download_fileobj`` to /dev/null.
+
+    python3 bench/logview.py [--size-mb 500]
+
+Results go to stdout; docs/benchmarks.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from console.config import settings_from_mapping  # noqa: E402
+from console.db import Database  # noqa: E402
+from console.embedded import EmbeddedPostgres, EmbeddedS3  # noqa: E402
+from console.logview import open_log  # noqa: E402
+from console.schema import install_reference_schema, upgrade  # noqa: E402
+from console.storage import ObjectStore  # noqa: E402
+
+
+def vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_hwm() -> None:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def make_log(size_mb: int) -> bytes:
+    line = "tests/test_mod.py::test_case[%08d] \x1b[32mPASSED\x1b[0m  [ 42%%]\n"
+    count = size_mb * 1024 * 1024 // (len(line % 0) + 10)
+    body = "".join(line % i for i in range(count - 1000)) + "MARKER near the end\n" + "".join(line % i for i in range(1000))
+    return json.dumps({"stdout": body, "stderr": "", "exit_code": 0, "time_spend": 12.5}).encode()
+
+
+def measure(name: str, db, store, sid: int) -> dict:
+    reset_hwm()
+    t0 = time.perf_counter()
+    log = open_log(db, store, sid)
+    log.wait_for_lines(40, timeout=30)
+    first_raw = log.raw.lines(0, 40)
+    t_first = time.perf_counter() - t0
+    while log.part("stdout") is None or log.part("stdout").line_count < 40:
+        time.sleep(0.001)
+    stdout = log.part("stdout")
+    stdout.lines(0, 40)
+    t_first_stdout = time.perf_counter() - t0
+    t_tail = None
+    if log.can_preview_tail:
+        t1 = time.perf_counter()
+        tail = log.tail_preview(40)
+        t_tail = time.perf_counter() - t1
+        assert tail
+    log.wait(600)
+    t_end = time.perf_counter() - t0
+    last = log.raw.lines(log.raw.line_count - 1, 1)
+    assert first_raw and last
+    log.wait(600, parts=True)
+    t_parts = time.perf_counter() - t0
+    t2 = time.perf_counter()
+    hit = stdout.find(b"MARKER near", 0)
+    line = stdout.line_at_offset(hit)
+    t_search = time.perf_counter() - t2
+    assert stdout.lines(line, 1)[0].data == b"MARKER near the end"
+    t3 = time.perf_counter()
+    stdout.lines(stdout.line_count - 40, 40)
+    t_jump = time.perf_counter() - t3
+    result = {
+        "where": name, "bytes": log.raw.length,
+        "first_lines_raw_s": t_first, "first_lines_stdout_s": t_first_stdout,
+        "tail_preview_s": t_tail, "spooled_s": t_end, "parts_decoded_s": t_parts,
+        "search_near_end_s": t_search, "jump_to_end_window_s": t_jump,
+        "checkpoints": len(log.raw.index.offsets) + len(stdout.index.offsets),
+        "stdout_lines": stdout.line_count, "peak_rss_mb": vm_hwm_mb(),
+    }
+    log.close()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mb", type=int, default=500)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="atc-bench-logview-"))
+    pg = EmbeddedPostgres(work / "pg").start(tie_to_parent=True)
+    s3 = EmbeddedS3(work / "s3", bucket="bench").start(tie_to_parent=True)
+    try:
+        creds = s3.aws_credentials_file("bench")
+        settings = settings_from_mapping({
+            "operator": "bench",
+            "database": {"dsn": pg.dsn("postgres"), "statement_timeout": "5s"},
+            "s3": {"endpoint_url": s3.endpoint_url, "bucket": s3.bucket, "region": "us-east-1",
+                   "profile": "bench", "credentials_file": str(creds), "prefix": "bench/"},
+        }, source="(bench)")
+        import psycopg
+
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
+            install_reference_schema(conn)
+        upgrade(settings)
+        from tests.log_support import LogFactory
+
+        raw = make_log(args.size_mb)
+        print(f"log: {len(raw) / 1e6:.0f} MB", flush=True)
+        factory = LogFactory(settings)
+        inline_id = factory.inline(raw)
+        moved_id = factory.moved(raw)
+        factory.close()
+        del raw
+        db = Database(settings)
+        store = ObjectStore(settings)
+
+        # Baselines, same run: plain COPY to /dev/null, plain boto3 download to /dev/null.
+        reset_hwm()
+        t0 = time.perf_counter()
+        with db.connection() as conn, open(os.devnull, "wb") as sink:
+            conn.execute("SET statement_timeout = 0")
+            with conn.cursor().copy(f"COPY (SELECT log FROM auto_test_step_result WHERE id = {inline_id}) TO STDOUT") as copy:
+                for block in copy:
+                    sink.write(block)
+            conn.execute("RESET statement_timeout")
+        copy_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with open(os.devnull, "wb") as sink:
+            store.client.download_fileobj(store.bucket, store.log_key(moved_id), sink)
+        boto_s = time.perf_counter() - t0
+        print(f"baseline COPY TO STDOUT: {copy_s:.2f}s; boto3 download_fileobj: {boto_s:.2f}s; peak RSS {vm_hwm_mb():.0f} MB")
+
+        for name, sid, baseline in (("db", inline_id, copy_s), ("s3", moved_id, boto_s)):
+            r = measure(name, db, store, sid)
+            r["baseline_s"] = baseline
+            r["spooled_vs_baseline"] = r["spooled_s"] / baseline
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        db.close()
+    finally:
+        pg.stop()
+        s3.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
