@@ -240,3 +240,74 @@ def test_cli_locks_json_and_table(app_db, tmp_path, capsys, monkeypatch):
     assert str(hp) in out and "idle in transaction" in out and "1 blocking tree(s), 1 waiting session(s)" in out
     assert main(["--config", str(config), "locks", "--limit", "1"]) == 0
     assert "1 more" in capsys.readouterr().out
+
+
+# -- prepared transactions and parallel workers -----------------------------------------------------
+
+
+def test_prepared_transaction_blocker_is_shown_as_pid_0(tmp_path):
+    """Needs max_prepared_transactions > 0, so it runs on a private server (about 3 s)."""
+    from console.config import settings_from_mapping
+    from console.embedded import EmbeddedPostgres
+    from console.schema import install_reference_schema, upgrade
+    from console.signals import REFUSED, SignalTarget, signal_backends
+
+    server = EmbeddedPostgres(tmp_path / "pg").start(tie_to_parent=True)
+    app = None
+    try:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("ALTER SYSTEM SET max_prepared_transactions = 4")
+        server.stop()
+        server.start(tie_to_parent=True)
+        server.create_database("app")
+        dsn = server.dsn("app")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            install_reference_schema(conn)
+        seed_jobs(dsn, 3)
+        settings = settings_from_mapping({"operator": "tester", "database": {"dsn": dsn}})
+        upgrade(settings)
+        with psycopg.connect(dsn) as conn:
+            conn.execute("SELECT id FROM job WHERE id = 1 FOR UPDATE")
+            conn.execute("PREPARE TRANSACTION 'incident-42'")
+        app = Application(dsn)
+        waiter = app.start_blocked("UPDATE job SET state = 'started' WHERE id = 1")
+        app.wait_for_waiters(1)
+        db = Database(settings)
+        snap = take_snapshot(db)
+        db.close()
+        assert snap.edges() == server_edges(dsn) == {(0, waiter.pid)}
+        root = snap.sessions[0]
+        assert root.is_prepared and root.state == "prepared transaction"
+        assert [p["gid"] for p in root.prepared] == ["incident-42"]
+        assert "incident-42" in root.query
+        report = signal_backends(settings, "terminate", [SignalTarget(pid=0, backend_start=None)], reason="test")
+        assert report.outcomes[0].outcome == REFUSED and "PREPARED" in report.outcomes[0].message
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("ROLLBACK PREPARED 'incident-42'")
+        assert waiter.finished() and waiter.result.get("ok")
+    finally:
+        if app is not None:
+            app.close()
+        server.stop()
+
+
+def test_parallel_workers_fold_into_their_leader():
+    from console.locks import _fold_workers
+
+    sessions = {
+        10: _s(10),                                               # holder
+        20: _s(20, backend_type="client backend"),                # leader, not itself waiting
+        21: _s(21, (10,), backend_type="parallel worker", leader_pid=20, wait_event_type="Lock",
+               wait_event="relation"),
+        22: _s(22, backend_type="parallel worker", leader_pid=20),
+        30: _s(30, (21,)),                                        # someone reported behind a worker
+    }
+    _fold_workers(sessions)
+    assert set(sessions) == {10, 20, 30}
+    assert sessions[20].workers == [21, 22]
+    assert sessions[20].blocked_by == (10,)
+    assert sessions[20].wait_event == "relation (worker 21)"
+    assert sessions[30].blocked_by == (20,)
+    roots = build_tree(sessions)
+    rows, _ = flatten(roots)
+    assert [r.key for r in rows] == ["10", "10/20", "10/20/30"]
