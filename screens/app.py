@@ -51,6 +51,10 @@ SECTIONS: list[Section] = [
             description="who blocks whom, live; cancel or terminate"),
     Section(mode="health", key="3", title="Health", factory="screens.health:HealthScreen",
             description="missing timeouts, waits, deadlocks, connections, big tables"),
+    Section(mode="sizes", key="4", title="Sizes", factory="screens.sizes:SizesScreen",
+            description="log bytes: tables, assignments, runs, largest, histogram, threshold"),
+    Section(mode="migrate", key="5", title="Migrate", factory="screens.migrate:MigrateScreen",
+            description="move large logs to S3: plan, start, pause, cancel, progress"),
     Section(mode="audit", key="7", title="Audit", factory="screens.audit:AuditScreen",
             description="every action: operator, role, reason, outcome"),
 ]

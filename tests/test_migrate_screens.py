@@ -1,0 +1,103 @@
+"""Pilot tests of the sizes and migrate screens on real PostgreSQL and SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from textual.widgets import Input, ProgressBar, Static
+
+from console.db import Database
+from screens.app import AtcApp
+from screens.widgets import ConfirmModal, ReasonModal
+from tests.migrate_support import assert_every_log_intact, seed_world
+
+SIZE = (170, 45)
+
+
+async def wait_until(pilot, predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.05)
+        if predicate():
+            return
+    raise AssertionError(f"{what} not reached in {timeout}s")
+
+
+def _text(app, selector) -> str:
+    return str(app.screen.query_one(selector, Static).render())
+
+
+async def test_sizes_screen_shows_histogram_and_recounts_threshold(empty_db):
+    import random
+
+    rnd = random.Random(5)  # incompressible, so stored size ~ text size
+    logs = [json.dumps({"stdout": rnd.randbytes(n).hex(), "exit_code": 0}).encode() for n in (10, 1500, 1500, 35_000)]
+    seed_world(empty_db, logs)
+    app = AtcApp(empty_db, start_mode="sizes")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: getattr(app.screen, "loads", 0) >= 1, what="sizes loaded")
+        assert "as of" in _text(app, "#sizes-asof") and "exact" in _text(app, "#sizes-asof")
+        histogram = _text(app, "#sizes-histogram")
+        assert "db / 0 s3" in histogram and "█" in histogram
+        threshold = app.screen.query_one("#sizes-threshold", Input)
+        threshold.value = "2k"
+        threshold.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "at or above 2.0 KiB: " in _text(app, "#sizes-totals"), what="recount")
+        assert "at or above 2.0 KiB: 3 logs" in _text(app, "#sizes-totals")
+        threshold.value = "lots"
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert any("not a size" in str(n.message) for n in app._notifications)
+
+
+async def test_migrate_screen_plan_start_pause_cancel_resume(empty_db):
+    logs = [json.dumps({"stdout": f"{i} " + "y" * 40_000, "exit_code": 0}).encode() for i in range(30)]
+    ids = seed_world(empty_db, logs)
+    expected = dict(zip(ids, logs))
+    app = AtcApp(empty_db, start_mode="migrate")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        screen.query_one("#migrate-min_size", Input).value = "0"
+        screen.query_one("#migrate-concurrency", Input).value = "1"
+        screen.query_one("#migrate-runs").focus()
+        await pilot.press("d")
+        await wait_until(pilot, lambda: "plan: 30 logs" in _text(app, "#migrate-plan"), what="plan")
+
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ReasonModal), what="reason modal")
+        await pilot.press(*"INC-1 test")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="confirm modal")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: screen.stats is not None and screen.stats.moved_logs >= 2, what="progress")
+        await pilot.press("p")
+        await pilot.pause(1.0)
+        paused_at = screen.stats.moved_logs
+        await pilot.pause(1.0)
+        assert screen.stats.moved_logs <= paused_at + 1, "pause must stop new logs from starting"
+        assert "paused" in _text(app, "#migrate-stats")
+        await pilot.press("c")
+        await wait_until(pilot, lambda: not screen.running, what="cancelled")
+        assert "cancelled" in _text(app, "#migrate-stats")
+        first_moved = screen.stats.moved_logs
+        assert first_moved < 30
+
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ReasonModal), what="reason modal 2")
+        await pilot.press(*"resume", "enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="confirm modal 2")
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not screen.running and screen.stats.state == "finished", what="finished")
+        assert screen.stats.moved_logs == 30 - first_moved
+        bar = screen.query_one("#migrate-progress", ProgressBar)
+        assert bar.percentage == 1.0
+        assert "finished" in _text(app, "#migrate-stats")
+    assert assert_every_log_intact(empty_db, __import__("console.storage").storage.ObjectStore(empty_db), expected)["s3"] == 30
+    db = Database(empty_db)
+    try:
+        reasons = [r["reason"] for r in db.fetch("SELECT reason FROM atc.audit WHERE action = 'migrate-logs' ORDER BY id")]
+        assert reasons == ["INC-1 test", "resume"]
+    finally:
+        db.close()
