@@ -320,7 +320,7 @@ def take_health(db: Database, *, top_tables: int = 10) -> HealthSnapshot:
         server_version_num=priv["server_version_num"], timeouts=timeouts, warnings=warnings, limits=limits,
         sessions_by_state=[dict(r) for r in counts],
         lock_waiters=sum(r["lock_waiters"] for r in counts),
-        active=sum(r["sessions"] for r in counts if r["state"] == "active") + 1,
+        active=sum(r["sessions"] for r in counts if r["state"] == "active"),   # not counting atc's own poll
         connections=connections, max_connections=priv["max_connections"],
         superuser_reserved_connections=priv["superuser_reserved_connections"],
         longest_transactions=[_session(r) for r in old if r["kind"] == "longest"],
