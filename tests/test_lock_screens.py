@@ -260,3 +260,44 @@ async def test_audit_screen_lists_filters_and_shows_details(scene):
         screen.action_reload()
         await pilot.pause(0.1)
         assert screen.table.row_count == 1      # bad filter: notified, data kept
+
+
+async def test_lock_screen_survives_a_database_restart(tmp_path):
+    """A private server (about 3 s): stop it under the screen, then start it again."""
+    from console.config import settings_from_mapping
+    from console.embedded import EmbeddedPostgres
+    from console.schema import install_reference_schema, upgrade
+    from screens.locks import LocksScreen
+
+    server = EmbeddedPostgres(tmp_path / "pg").start(tie_to_parent=True)
+    application = None
+    try:
+        server.create_database("app")
+        dsn = server.dsn("app")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            install_reference_schema(conn)
+        seed_jobs(dsn, 3)
+        settings = settings_from_mapping({"operator": "tester", "database": {"dsn": dsn, "connect_timeout": 2},
+                                          "ui": {"refresh_interval": 0.2}})
+        upgrade(settings)
+        application = Application(dsn)
+        application.holder("SELECT id FROM job WHERE id = 1 FOR UPDATE")
+        application.start_blocked("UPDATE job SET state = 'started' WHERE id = 1")
+        application.wait_for_waiters(1)
+        app = AtcApp(settings, start_mode="locks")
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_until(pilot, lambda: isinstance(app.screen, LocksScreen) and app.screen.tree.row_count == 2)
+            screen = app.screen
+            server.stop()
+            await wait_until(pilot, lambda: screen.stale, what="stale after the server stopped")
+            assert screen.tree.row_count == 2                 # the last data stays, marked
+            assert "STALE" in screen.query_one("#locks-state", Static).render().plain
+            failures = screen.failures
+            await wait_until(pilot, lambda: screen.failures > failures, timeout=8, what="a retry with backoff")
+            server.start(tie_to_parent=True)
+            await wait_until(pilot, lambda: not screen.stale, timeout=20, what="reconnect after restart")
+            await wait_until(pilot, lambda: screen.tree.row_count == 0, what="fresh data")  # the blockers died with it
+    finally:
+        if application is not None and server.is_running():
+            application.close()
+        server.stop()
