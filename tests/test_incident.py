@@ -92,3 +92,142 @@ def test_incident_reproduces_the_outage_and_atc_fixes_it(empty_db, start_broker_
     assert status["assignment_id"] in paused_map(db)
     _wait(lambda: not [f for f in find_starvation(db, FAST) if f.kind != "no_progress"], what="starvation to clear")
     db.close()
+
+
+# -- the walkthrough, through the TUI --------------------------------------------------------------
+
+SIZE = (150, 44)
+
+
+async def _until(pilot, predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await pilot.pause(0.05)
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _record(app, name: str) -> None:
+    """SVG screenshots in sequence, when ATC_RECORD_DIR is set (docs/incident/ holds a recording)."""
+    import os
+
+    directory = os.environ.get("ATC_RECORD_DIR")
+    if directory:
+        app.save_screenshot(filename=f"{name}.svg", path=directory)
+
+
+async def test_pilot_incident_walkthrough(empty_db, start_broker_sim):
+    from screens.app import AtcApp
+    from screens.broker import BrokerScreen
+    from screens.browse import AssignmentsScreen
+    from screens.locks import LocksScreen
+    from screens.widgets import ConfirmModal, PagedTable, ReasonModal
+
+    sim, status = start_incident(empty_db, start_broker_sim)
+    settings = replace(
+        empty_db,
+        broker=replace(empty_db.broker, url=sim.url, waiting_after=0.5, assigned_grace=0.5, stalled_after=1.0,
+                       heartbeat_fresh=10.0, recovery_watch=20.0),
+        ui=replace(empty_db.ui, refresh_interval=0.5),
+    )
+    incident_aid = status["assignment_id"]
+    db = Database(settings)
+    app = AtcApp(settings)
+    async with app.run_test(size=SIZE) as pilot:
+        # 0. The broker screen shows the broker starving, each finding with its reason.
+        await pilot.press("6")
+        await _until(pilot, lambda: isinstance(app.screen, BrokerScreen)
+                     and {f.kind for f in app.screen.data.get("findings", [])} >= {"waiting_idle", "stuck_assigned", "no_progress"},
+                     what="starvation on the broker screen")
+        _record(app, "01-broker-starving")
+
+        # 1. Find the root blocker on the lock screen.
+        await pilot.press("2")
+        await _until(pilot, lambda: isinstance(app.screen, LocksScreen) and app.screen.snapshot is not None
+                     and status["blocker_pid"] in app.screen.snapshot.blocker_pids, what="the lock tree")
+        locks = app.screen
+        root_key = next(k for k in locks.row_keys if locks.rows_by_key[k].session.pid == status["blocker_pid"])
+        locks.tree.move_cursor(row=locks.row_keys.index(root_key))
+        await pilot.pause(0.1)
+        root = locks.current_session()
+        assert root.state == "idle in transaction" and "request-stalled" in root.application_name
+        _record(app, "02-locks-root-blocker")
+
+        # 2. Pause the incident assignment from the assignments screen (confirm, then reason).
+        await pilot.press("1")
+        await _until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None
+                     and app.screen.query_one(PagedTable).row_count > 0, what="assignments")
+        await pilot.press("slash")
+        await pilot.press(*"Incident")
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.screen.token is None and app.screen.query_one(PagedTable).row_count == 1
+                     and app.screen.query_one(PagedTable).current_row()["id"] == incident_aid, what="filtered list")
+        app.screen.query_one(PagedTable).focus()  # the filter input can keep focus after Enter (browse)
+        await pilot.pause(0.05)
+        await pilot.press("p")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="confirmation")
+        await pilot.press("y")
+        await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="reason prompt")
+        await pilot.press(*"INC-7 huge output --for 2h")
+        await pilot.press("enter")
+        await _until(pilot, lambda: incident_aid in paused_map(db), what="the pause")
+        pause = paused_map(db)[incident_aid]
+        assert pause["reason"] == "INC-7 huge output" and pause["expires_at"] is not None
+        # atc offers to stop the runner still working on it; decline (terminating the blocker frees it).
+        try:
+            await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), timeout=5, what="stop-runners offer")
+            _record(app, "03-pause-offer-stop-runners")
+            await pilot.press("n")
+        except AssertionError:
+            pass
+        await _until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None
+                     and "⏸" in app.screen.query_one(PagedTable).get_cell(str(incident_aid), "paused").plain,
+                     what="the paused mark")
+        _record(app, "04-assignment-paused")
+
+        # 3. Terminate the root blocker.
+        await pilot.press("2")
+        await _until(pilot, lambda: isinstance(app.screen, LocksScreen), what="lock screen")
+        locks = app.screen
+        await _until(pilot, lambda: any(locks.rows_by_key[k].session.pid == status["blocker_pid"] for k in locks.row_keys),
+                     what="the blocker row")
+        root_key = next(k for k in locks.row_keys if locks.rows_by_key[k].session.pid == status["blocker_pid"])
+        locks.tree.move_cursor(row=locks.row_keys.index(root_key))
+        await pilot.pause(0.1)
+        await pilot.press("t")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="terminate confirmation")
+        await pilot.press("y")
+        await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="terminate reason")
+        await pilot.press(*"INC-7 root blocker, idle in transaction")
+        await pilot.press("enter")
+        await _until(pilot, lambda: isinstance(app.screen, LocksScreen) and app.screen.snapshot is not None
+                     and status["blocker_pid"] not in app.screen.snapshot.sessions, what="the blocker gone")
+        _record(app, "05-blocker-terminated")
+
+        # 4. Trigger recovery on the broker screen and 5. watch work flow again.
+        with _conn(settings) as conn:
+            since = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+        await pilot.press("6")
+        await _until(pilot, lambda: isinstance(app.screen, BrokerScreen), what="broker screen")
+        broker_screen = app.screen
+        await pilot.press("g")
+        await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="recovery confirmation")
+        await pilot.press("y")
+        await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="recovery reason")
+        await pilot.press(*"INC-7 get the broker moving")
+        await pilot.press("enter")
+        await _until(pilot, lambda: broker_screen.last_recovery is not None, timeout=40, what="the recovery report")
+        watch = broker_screen.last_recovery["watch"]
+        assert watch["flowing"], broker_screen.last_recovery
+        await _until(pilot, lambda: bystander_progress_since(settings, status["bystander_jobs"], since) >= 2,
+                     timeout=30, what="bystander results completing")
+        await _until(pilot, lambda: not [f for f in broker_screen.data.get("findings", []) if f.kind != "no_progress"],
+                     timeout=30, what="the starvation to clear on screen")
+        _record(app, "06-work-flowing")
+    actions = [e["action"] for e in __import__("console.audit", fromlist=["list_audit"]).list_audit(db)]
+    assert {"pause", "terminate", "recover-starvation"} <= set(actions)
+    db.close()
