@@ -51,6 +51,8 @@ SECTIONS: list[Section] = [
             description="who blocks whom, live; cancel or terminate"),
     Section(mode="health", key="3", title="Health", factory="screens.health:HealthScreen",
             description="missing timeouts, waits, deadlocks, connections, big tables"),
+    Section(mode="broker", key="6", title="Broker", factory="screens.broker:BrokerScreen",
+            description="starving jobs and why; recover via the broker or the DB; runners, jobs, pauses"),
     Section(mode="sizes", key="4", title="Sizes", factory="screens.sizes:SizesScreen",
             description="log bytes: tables, assignments, runs, largest, histogram, threshold"),
     Section(mode="migrate", key="5", title="Migrate", factory="screens.migrate:MigrateScreen",

@@ -24,6 +24,7 @@ from console.errors import AtcError, Cancelled
 from console.text import human_bytes, human_duration, one_line
 
 from .widgets import ColumnSpec, PagedTable, cell, state_cell
+from .broker import PAUSE_BINDINGS, PauseActions, mark_column
 
 _STATE_MARKS = {"passed": "✓", "failed": "✗", "timed_out": "⧗", "running": "▶", "not_started": "·", "skipped": "–"}
 
@@ -301,8 +302,12 @@ class ListScreen(Screen):
 # -- the four screens ---------------------------------------------------------------------------
 
 
-class AssignmentsScreen(ListScreen):
-    """All assignments: state, deadline, runs, results by state, log bytes (cached, with age), pause."""
+class AssignmentsScreen(PauseActions, ListScreen):
+    """All assignments: state, deadline, runs, results by state, log bytes (cached, with age), pause.
+
+    Mark rows with m, pause them with p, resume with u (screens.broker.PauseActions)."""
+
+    BINDINGS = PAUSE_BINDINGS
 
     kind = "assignments"
     states = browse.ASSIGNMENT_STATES + ("paused",)
@@ -313,6 +318,7 @@ class AssignmentsScreen(ListScreen):
 
     def columns(self) -> list[ColumnSpec]:
         return [
+            mark_column(),
             ColumnSpec("id", "ID", lambda r: Text(str(r["id"]), justify="right")),
             ColumnSpec("name", "Name", lambda r: cell(r["name"], 40)),
             ColumnSpec("course", "Course", lambda r: cell(r["course"], 24)),
