@@ -76,6 +76,7 @@ def assert_inert(app: App, widget: LogLines, *, screenshot: bool = True) -> None
         assert "\x1b" not in svg and not CONTROL.search(svg.replace("\n", ""))
 
 
+@pytest.mark.slow  # ~55 s on 2 shared cores: 24 real outputs x 3 parts x colour on/off, pilot-driven
 async def test_every_real_output_renders_inert(logs, empty_db):
     cases = real_cases()
     assert len(cases) >= 20
