@@ -83,12 +83,12 @@ APP_ACTIONS: list[AppAction] = [
 
 
 def _bindings() -> list[Binding]:
-    bindings = [Binding(a.key, a.action, a.description, show=a.show, key_display=a.key_display, id=a.id)
-                for a in APP_ACTIONS]
-    for section in SECTIONS:
-        bindings.append(Binding(section.key, f"section('{section.mode}')", section.title,
-                                show=True, id=f"section.{section.mode}"))
-    return bindings
+    return [Binding(a.key, a.action, a.description, show=a.show, key_display=a.key_display, id=a.id)
+            for a in APP_ACTIONS]
+
+
+def section_binding(section: Section) -> Binding:
+    return Binding(section.key, f"section('{section.mode}')", section.title, show=True, id=f"section.{section.mode}")
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -208,9 +208,11 @@ class AtcApp(App[int]):
         self.start_mode = start_mode
         self.ping_interval = ping_interval
         self._ping_failures = 0
+        # Read SECTIONS now (not at import), so the registry as it stands when the app starts wins.
         self.sections = list(SECTIONS)
         for section in self.sections:
             self.add_mode(section.mode, self._section_factory(section))
+            self._bindings._add_binding(section_binding(section))
         if settings.ui.theme:
             try:
                 self.theme = settings.ui.theme
