@@ -492,7 +492,8 @@ def watch_recovery(db: Database, report: RecoveryReport, *, seconds: float, poll
 
 def recover_starvation(db: Database, settings: Settings, *, via: str = "broker", dry_run: bool = False,
                        thresholds: Thresholds | None = None, watch_seconds: float = 0.0, client=None,
-                       reason: str = "", on_tick: Callable[[dict[str, Any]], None] | None = None) -> RecoveryReport:
+                       reason: str = "", on_tick: Callable[[dict[str, Any]], None] | None = None,
+                       watch_poll: float = 0.5) -> RecoveryReport:
     """Detect, recover (audited unless a dry run), then watch. ``via`` is 'broker' or 'db'."""
     if via not in ("broker", "db"):
         raise AtcError(f"--via must be 'broker' or 'db', not {via!r}")
@@ -516,7 +517,7 @@ def recover_starvation(db: Database, settings: Settings, *, via: str = "broker",
         else:
             report = recover_via_db(db, findings)
         if watch_seconds > 0:
-            report.watch = watch_recovery(db, report, seconds=watch_seconds, on_tick=on_tick)
+            report.watch = watch_recovery(db, report, seconds=watch_seconds, poll=watch_poll, on_tick=on_tick)
         entry.details = {k: v for k, v in report.as_dict().items() if k != "findings"}
         entry.outcome = "ok" if not report.busy else f"ok, {len(report.busy)} busy row(s) left alone"
         if report.watch is not None and not report.watch.get("flowing"):
