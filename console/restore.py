@@ -44,8 +44,13 @@ ROW_EXISTS = "SELECT log IS NOT NULL AS inline FROM auto_test_step_result WHERE 
 # Temporary table private to this session; gone at commit.
 CREATE_BUFFER = "CREATE TEMP TABLE atc_restore_buffer (log json) ON COMMIT DROP"
 COPY_INTO_BUFFER = "COPY atc_restore_buffer (log) FROM STDIN (FORMAT BINARY)"
-# Reads back our own temporary copy (not an application table).
-COPY_OUT_BUFFER = "COPY (SELECT log FROM atc_restore_buffer) TO STDOUT (FORMAT BINARY)"
+# Reads back our own temporary copy (not an application table) in 1 MiB slices: libpq holds a
+# whole COPY row in memory, so one row per slice keeps the client bounded (see logstore._COPY_LOG).
+COPY_OUT_BUFFER = (
+    "COPY (SELECT substring(s.b FROM g FOR 1048576)"
+    " FROM (SELECT convert_to(log::text, 'UTF8') AS b FROM atc_restore_buffer OFFSET 0) AS s,"
+    " LATERAL generate_series(1, octet_length(s.b), 1048576) AS g) TO STDOUT (FORMAT BINARY)"
+)
 
 # Puts the bytes back only if the log is still NULL; the single row is locked with SKIP LOCKED.
 RESTORE_ROW = """
