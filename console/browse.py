@@ -35,6 +35,7 @@ from psycopg.types.json import Jsonb
 
 from .db import Database, Page, translate_error
 from .errors import AtcError, Cancelled, NotFound
+from .pauses import PAUSE_ACTIVE_PREDICATE
 
 RESULT_STATES = ("not_started", "running", "passed", "failed", "timed_out", "skipped")
 ASSIGNMENT_STATES = ("hidden", "open", "done")
@@ -43,19 +44,7 @@ STATS_MAX_AGE_SECONDS = 600
 
 # -- the pause rule (one place; the pause/broker code imports it) ------------------------------
 
-# An assignment is paused when its LATEST atc.pause_event says paused and has not expired.
-# ``{e}`` is the alias of a pause_event row. Reads only atc.pause_event (no application table).
-PAUSE_ACTIVE_PREDICATE = "({e}.paused AND ({e}.expires_at IS NULL OR {e}.expires_at > now()))"
-
-# Assignments currently paused, with who/when/why. Uses the (assignment_id, id DESC) index; takes
-# ACCESS SHARE on atc.pause_event only. Usable as a subquery:
-#   ... WHERE NOT EXISTS (SELECT 1 FROM (<PAUSED_ASSIGNMENTS_SQL>) p WHERE p.assignment_id = x)
-PAUSED_ASSIGNMENTS_SQL = f"""
-SELECT e.assignment_id, e.operator AS paused_by, e.reason AS pause_reason, e.at AS paused_at,
-       e.expires_at AS pause_expires_at
-FROM (SELECT DISTINCT ON (assignment_id) * FROM atc.pause_event ORDER BY assignment_id, id DESC) e
-WHERE {PAUSE_ACTIVE_PREDICATE.format(e="e")}
-"""
+# "Currently paused" is defined once, in console.pauses (the claim and detection use it too).
 
 # The latest pause event of one assignment (alias ``pe``), for per-row lateral joins in pages.
 _LATEST_PAUSE_LATERAL = """

@@ -39,7 +39,12 @@ FENCE_WAIT = "250ms"
 # The rule for "currently paused": the latest event of each assignment says paused and has not
 # expired. A CTE body so claim statements, listings and starvation checks share one definition.
 # Reads atc.pause_event only (index pause_event_latest); no locks, no application table.
-CURRENT_PAUSES_CTE = """
+# The one rule for "currently paused": the LATEST event of an assignment says paused and has not
+# expired. ``{e}`` is the alias of an atc.pause_event row. Browse screens use it per row; the CTE
+# below uses it for claims and detection.
+PAUSE_ACTIVE_PREDICATE = "({e}.paused AND ({e}.expires_at IS NULL OR {e}.expires_at > now()))"
+
+CURRENT_PAUSES_CTE = f"""
 current_pause AS (
     SELECT latest.*
     FROM (
@@ -48,7 +53,7 @@ current_pause AS (
         FROM atc.pause_event e
         ORDER BY e.assignment_id, e.id DESC
     ) latest
-    WHERE latest.paused AND (latest.expires_at IS NULL OR latest.expires_at > now())
+    WHERE {PAUSE_ACTIVE_PREDICATE.format(e="latest")}
 )
 """
 

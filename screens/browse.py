@@ -175,6 +175,7 @@ class ListScreen(Screen):
         self.loading_direction = None
         table = self.table
         table.loading = False
+        self._refocus_table_after_filter()
         if direction == "first":
             if header is not None:
                 self.header_row = header
@@ -197,6 +198,7 @@ class ListScreen(Screen):
         direction = self.loading_direction
         self.loading_direction = None
         self.table.loading = False
+        self._refocus_table_after_filter()
         self.table.waiting = None
         self.update_summary()
         if isinstance(exc, Cancelled):
@@ -286,8 +288,15 @@ class ListScreen(Screen):
         self.state_filter, self.search = parse_filter(event.value, self.states)
         if not event.value.strip():
             event.input.display = False
+        # The loading overlay can take focus back to the input; give it to the table once loaded.
+        self._focus_table_when_loaded = True
         self.table.focus()
         self.reload()
+
+    def _refocus_table_after_filter(self) -> None:
+        if getattr(self, "_focus_table_when_loaded", False):
+            self._focus_table_when_loaded = False
+            self.table.focus()
 
     def action_cycle_sort(self) -> None:
         names = browse.sort_names(self.kind)
