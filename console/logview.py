@@ -20,8 +20,13 @@ How it works:
   of it with its own index. Small scalars (exit code, points, state, names) are kept as fields.
 - Searching scans the document in 1 MiB blocks (overlapping by the needle's length), forward or
   backward, never loading it whole; case-insensitive search folds ASCII letters.
-- For a moved (S3) log, the end can be shown before spooling finishes with a ranged GET
-  (:meth:`OpenLog.tail_preview`).
+- An inline (PostgreSQL) log starts with its *head*: the first ``HEAD_BYTES`` read from the
+  value's first TOAST chunks (``logstore.read_db_log_head``, milliseconds, where the server would
+  take seconds to de-TOAST the whole value before the first COPY row). The COPY stream then
+  continues the same spool: its first bytes are checked against the head, byte for byte.
+- The end can be shown before spooling finishes (:meth:`OpenLog.tail_preview`): for a moved (S3)
+  log with a ranged GET, for an uncompressed inline log from its last TOAST chunks. A compressed
+  inline value cannot be read from its end: ``G`` waits for the spool.
 - ``close()`` stops the stream (a server-side cancel for PostgreSQL) and closes the spools, which
   were unlinked on creation, so nothing stays on disk even after a crash.
 """
@@ -38,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import AtcError
-from .logstore import LogLocation, locate, store_for, stream_db_log
+from .logstore import LogLocation, locate, read_db_log_head, read_db_log_tail, store_for, stream_db_log
 from .text import one_line
 
 PIECE_BYTES = 2048
@@ -46,6 +51,9 @@ CHECKPOINT_BYTES = 256 * 1024
 SEARCH_BLOCK = 1 << 20
 SOURCE_CHUNK = 1 << 20
 TAIL_BYTES = 128 * 1024
+# The head of an inline log read from its TOAST chunks: many screens of raw lines and of the
+# decoded stdout part; decoding 512 KiB of pglz here costs ~10-100 ms.
+HEAD_BYTES = 512 * 1024
 # Output strings under these keys (and any string longer than MAX_KEPT_STRING) become parts.
 from .logformat import MAX_KEPT_STRING, OUTPUT_KEYS  # noqa: E402
 
@@ -794,6 +802,11 @@ class OpenLog:
         self._finished_at: float | None = None
         self.cancel_stream: Callable[[], None] | None = None
         self.error: str | None = None
+        # The log's exact size once known: at once for S3 (the pointer), from the head for an
+        # inline log read through its TOAST chunks, else when the spool completes.
+        self.known_size: int | None = location.object_size if location.where == "s3" else None
+        # Bytes at the start of the spool that came from the head read (checked against the stream).
+        self.head_size = 0
 
     # -- life cycle --
 
@@ -892,7 +905,7 @@ class OpenLog:
         return self.scanner is None or self.scanner.done
 
     def progress(self) -> Progress:
-        total = self.location.object_size if self.location.where == "s3" else None
+        total = self.known_size
         if self.raw.complete and not self.error:
             total = self.raw.length
         end = self._finished_at or time.monotonic()
@@ -975,15 +988,16 @@ class OpenLog:
 
     @property
     def can_preview_tail(self) -> bool:
-        return self._tail_reader is not None and bool(self.location.object_size)
+        return self._tail_reader is not None and bool(self.known_size)
 
     def tail_preview(self, count: int) -> list[DisplayLine]:
         """The last ``count`` display lines via a ranged read (line numbers unknown: -1).
 
-        Used for S3 logs while the spool is still filling; once complete, use the index."""
-        if self._tail_reader is None or not self.location.object_size:
+        Used while the spool is still filling (S3 logs; uncompressed inline logs); once
+        complete, use the index."""
+        if self._tail_reader is None or not self.known_size:
             return []
-        size = int(self.location.object_size)
+        size = int(self.known_size)
         start = max(0, size - TAIL_BYTES)
         data = self._tail_reader(start, size - 1)
         if start > 0:
@@ -1032,11 +1046,57 @@ def _source(db: Any, store: Any, location: LogLocation, log: OpenLog) -> Iterato
         with db.connection() as conn:
             log.cancel_stream = lambda: conn.cancel_safe(timeout=3)
             try:
-                yield from stream_db_log(conn, location.step_result_id,
-                                         statement_timeout=STREAM_STATEMENT_TIMEOUT)
+                head = read_db_log_head(conn, location.step_result_id, HEAD_BYTES)
+                if head is not None:
+                    log.known_size = head.total_size
+                    log.head_size = len(head.data)
+                    if not head.layout.compressed:
+                        log._tail_reader = _db_tail_reader(db, head.layout)
+                    yield head.data
+                    if head.complete or log._stop.is_set():
+                        return
+                stream = stream_db_log(conn, location.step_result_id, statement_timeout=STREAM_STATEMENT_TIMEOUT)
+                yield from after_head(head.data if head is not None else b"", stream)
             finally:
                 log.cancel_stream = None
     except psycopg.Error as exc:
         if log._stop.is_set():
             return
         raise translate_error(exc, f"reading the log of step result {location.step_result_id}") from None
+
+
+def after_head(head: bytes, stream: Iterable[bytes]) -> Iterator[bytes]:
+    """The stream's bytes after ``head``, checking that the stream starts with exactly ``head``.
+
+    The head and the stream are two statements: a log rewritten in between (moved to S3, or
+    changed by the application) would otherwise splice two different values in the spool."""
+    pending = memoryview(head)
+    for piece in stream:
+        if pending:
+            n = min(len(pending), len(piece))
+            if bytes(piece[:n]) != bytes(pending[:n]):
+                raise AtcError("the log changed while it was being read (its start no longer matches); reopen it")
+            pending = pending[n:]
+            piece = piece[n:]
+            if not piece:
+                continue
+        yield piece
+    if pending:
+        raise AtcError("the log changed while it was being read (it is now shorter than its start); reopen it")
+
+
+def _db_tail_reader(db: Any, layout: Any) -> Callable[[int, int], bytes]:
+    """Ranged reads of an uncompressed inline value from its TOAST chunks (another connection:
+    the spool's connection is busy with the COPY)."""
+    import psycopg
+
+    from .db import translate_error
+
+    def read(start: int, end: int) -> bytes:
+        try:
+            with db.connection() as conn:
+                return read_db_log_tail(conn, layout, start, end)
+        except psycopg.Error as exc:
+            raise translate_error(exc, f"reading the end of the log of step result {layout.step_result_id}") from None
+
+    return read

@@ -362,7 +362,7 @@ class LogViewerScreen(Screen):
         loc = log.location
         head = log.headline()
         where = "database (inline)" if loc.where == "db" else f"S3 s3://{loc.bucket}/{loc.key}" if loc.where == "s3" else "no log"
-        size = loc.object_size if loc.where == "s3" else (log.raw.length if log.complete else None)
+        size = log.known_size if log.known_size is not None else (log.raw.length if log.complete else None)
         bits = [f"step result {loc.step_result_id}", f"state {head['state']}", where,
                 human_bytes(size) if size is not None else f"{human_bytes(log.raw.length)}+ (stored {human_bytes(loc.stored_size)})"]
         if head["exit_code"] is not None:

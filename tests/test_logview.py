@@ -219,3 +219,53 @@ def test_big_log_opens_fast_jumps_to_end_and_searches(logs, empty_db, where):
         log.close()
     finally:
         db.close()
+
+
+def test_inline_log_starts_from_its_head_and_the_stream_continues_it_exactly(logs, empty_db):
+    """The head (TOAST chunks, pglz decoded here) and the COPY stream agree byte for byte."""
+    from console.logstore import read_db_log_head
+    from tests.test_logstore import incompressible_log, mixed_log
+
+    db = Database(empty_db)
+    store = ObjectStore(empty_db)
+    try:
+        for raw, compressed in ((mixed_log(7, 2_500_000), True), (incompressible_log(8, 2_000_000), False)):
+            sid = logs.inline(raw)
+            with db.connection() as conn:
+                head = read_db_log_head(conn, sid, lv.HEAD_BYTES)
+            assert head is not None and head.layout.compressed == compressed
+            log = open_log(db, store, sid)
+            try:
+                assert log.wait_for_lines(1, timeout=5)
+                assert log.known_size == len(raw)  # the size is known from the head, at once
+                assert log.can_preview_tail == (not compressed)
+                if not compressed:  # the end, from the last TOAST chunks, whatever the spool's state
+                    tail = log.tail_preview(3)
+                    assert tail[-1].data.endswith(raw[-50:]) and tail[-1].offset + len(tail[-1].data) == len(raw)
+                assert log.wait(30, parts=True) and not log.error
+                assert log.head_size == lv.HEAD_BYTES
+                assert log.spool.pread(0, log.head_size) == head.data  # the head is the spool's start ...
+                assert log.raw.read(0, log.raw.length) == raw          # ... and the stream went on from it
+                assert log.part("stdout").read(0, 50) == json.loads(raw)["stdout"].encode()[:50]
+                assert log.progress().total == len(raw)
+            finally:
+                log.close()
+        # A small value in the row itself has no head: the stream alone.
+        small = json_log(stdout="hello\n")
+        log = open_log(db, store, logs.inline(small))
+        assert log.wait(10) and log.head_size == 0 and log.raw.read(0, 1000) == small
+        log.close()
+    finally:
+        db.close()
+
+
+def test_a_stream_that_does_not_continue_the_head_is_an_error():
+    from console.errors import AtcError
+    from console.logview import after_head
+
+    assert b"".join(after_head(b"abcdef", [b"ab", b"cdefgh", b"ij"])) == b"ghij"
+    assert b"".join(after_head(b"", [b"ab"])) == b"ab"
+    with pytest.raises(AtcError, match="changed"):
+        b"".join(after_head(b"abcdef", [b"abcX", b"ef"]))
+    with pytest.raises(AtcError, match="shorter"):
+        b"".join(after_head(b"abcdef", [b"abc"]))
