@@ -4,13 +4,19 @@ Starts embedded PostgreSQL and S3 in a temporary directory, stores one JSON log 
 (run_program shape, a pytest-like stdout with colour, a marker near the end), inline in a row
 and as an S3 object with its atc.moved_log pointer, then measures for each location:
 
-- time to the first 40 display lines (raw and the decoded ``stdout`` part),
-- time until the end is reachable (spool complete; for S3 also the ranged-GET tail preview),
+- time to the first 40 display lines (raw and the decoded ``stdout`` part); for the inline log
+  with the head read from the TOAST chunks (the viewer's path) and without it (the stream alone,
+  the previous behaviour, measured in the same run),
+- time until the end is reachable (spool complete; for S3 and for an uncompressed inline log also
+  the tail preview: ranged GET / last TOAST chunks),
 - a forward search for the marker near the end of ``stdout`` (after it is decoded),
 - peak RSS of this process (VmHWM) after each run,
 
 against baselines measured in the same run: ``COPY (SELECT log ...) TO STDOUT`` of the same
-value to /dev/null via psycopg, and a plain boto3 ``download_fileobj`` to /dev/null.
+value to /dev/null via psycopg, a plain boto3 ``download_fileobj`` to /dev/null, and the SQL
+prefix ``substr(log::text, 1, 262144)`` (which de-TOASTs the whole value: json has no binary cast
+to text). A second inline log of incompressible text (stored uncompressed) measures the head and
+the tail of an uncompressed value.
 
     python3 bench/logview.py [--size-mb 500]
 
@@ -32,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from console.config import settings_from_mapping  # noqa: E402
 from console.db import Database  # noqa: E402
 from console.embedded import EmbeddedPostgres, EmbeddedS3  # noqa: E402
+import console.logview as logview  # noqa: E402
 from console.logview import open_log  # noqa: E402
 from console.schema import install_reference_schema, upgrade  # noqa: E402
 from console.storage import ObjectStore  # noqa: E402
@@ -59,7 +66,35 @@ def make_log(size_mb: int) -> bytes:
     return json.dumps({"stdout": body, "stderr": "", "exit_code": 0, "time_spend": 12.5}).encode()
 
 
-def measure(name: str, db, store, sid: int) -> dict:
+def make_incompressible_log(size_mb: int) -> bytes:
+    import random
+
+    rng = random.Random(1)
+    alphabet = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)] + [chr(c) for c in range(33, 126) if chr(c) not in '"\\']
+    block = "".join(rng.choices(alphabet, k=1 << 20)) + "\n"
+    parts, n = [], 0
+    while n < size_mb * 1024 * 1024:
+        k = rng.randrange(1 << 19)
+        parts.append(block[k:] + block[:k])
+        n += len(parts[-1].encode())
+    return json.dumps({"stdout": "".join(parts) + "\nMARKER near the end\n" + block[:5000], "exit_code": 0},
+                      ensure_ascii=False).encode()
+
+
+def measure(name: str, db, store, sid: int, *, head: bool = True) -> dict:
+    import console.logstore as logstore
+
+    saved = logview.read_db_log_head, logstore._COPY_LOG_SEND
+    if not head:  # the previous behaviour: the COPY stream alone, from log::text
+        logview.read_db_log_head = lambda *args: None
+        logstore._COPY_LOG_SEND = logstore._COPY_LOG
+    try:
+        return _measure(name, db, store, sid)
+    finally:
+        logview.read_db_log_head, logstore._COPY_LOG_SEND = saved
+
+
+def _measure(name: str, db, store, sid: int) -> dict:
     reset_hwm()
     t0 = time.perf_counter()
     log = open_log(db, store, sid)
@@ -68,6 +103,7 @@ def measure(name: str, db, store, sid: int) -> dict:
     t_first = time.perf_counter() - t0
     while log.part("stdout") is None or log.part("stdout").line_count < 40:
         time.sleep(0.001)
+    t_known_size = log.known_size
     stdout = log.part("stdout")
     stdout.lines(0, 40)
     t_first_stdout = time.perf_counter() - t0
@@ -92,7 +128,8 @@ def measure(name: str, db, store, sid: int) -> dict:
     stdout.lines(stdout.line_count - 40, 40)
     t_jump = time.perf_counter() - t3
     result = {
-        "where": name, "bytes": log.raw.length,
+        "where": name, "bytes": log.raw.length, "head_bytes": log.head_size,
+        "size_known_at_first_lines": t_known_size,
         "first_lines_raw_s": t_first, "first_lines_stdout_s": t_first_stdout,
         "tail_preview_s": t_tail, "spooled_s": t_end, "parts_decoded_s": t_parts,
         "search_near_end_s": t_search, "jump_to_end_window_s": t_jump,
@@ -114,7 +151,7 @@ def main() -> int:
         creds = s3.aws_credentials_file("bench")
         settings = settings_from_mapping({
             "operator": "bench",
-            "database": {"dsn": pg.dsn("postgres"), "statement_timeout": "5s"},
+            "database": {"dsn": pg.dsn("postgres"), "statement_timeout": "60s"},
             "s3": {"endpoint_url": s3.endpoint_url, "bucket": s3.bucket, "region": "us-east-1",
                    "profile": "bench", "credentials_file": str(creds), "prefix": "bench/"},
         }, source="(bench)")
@@ -130,8 +167,15 @@ def main() -> int:
         factory = LogFactory(settings)
         inline_id = factory.inline(raw)
         moved_id = factory.moved(raw)
-        factory.close()
         del raw
+        flat = make_incompressible_log(args.size_mb)
+        flat_id = factory.inline(flat)
+        print(f"incompressible log: {len(flat) / 1e6:.0f} MB", flush=True)
+        del flat
+        for sid in (inline_id, flat_id):
+            print(sid, factory.conn.execute("SELECT pg_column_size(log), pg_column_compression(log)"
+                                            " FROM auto_test_step_result WHERE id = %s", (sid,)).fetchone())
+        factory.close()
         db = Database(settings)
         store = ObjectStore(settings)
 
@@ -150,9 +194,16 @@ def main() -> int:
             store.client.download_fileobj(store.bucket, store.log_key(moved_id), sink)
         boto_s = time.perf_counter() - t0
         print(f"baseline COPY TO STDOUT: {copy_s:.2f}s; boto3 download_fileobj: {boto_s:.2f}s; peak RSS {vm_hwm_mb():.0f} MB")
+        for sid in (inline_id, flat_id):
+            t0 = time.perf_counter()
+            db.fetch_one("SELECT octet_length(convert_to(substr(log::text, 1, 262144), 'UTF8')) AS n"
+                         " FROM auto_test_step_result WHERE id = %s", (sid,))
+            print(f"SQL prefix substr(log::text, 1, 262144) of {sid}: {time.perf_counter() - t0:.2f}s", flush=True)
 
-        for name, sid, baseline in (("db", inline_id, copy_s), ("s3", moved_id, boto_s)):
-            r = measure(name, db, store, sid)
+        runs = (("db (stream only, before)", inline_id, copy_s, False), ("db", inline_id, copy_s, True),
+                ("db uncompressed", flat_id, copy_s, True), ("s3", moved_id, boto_s, True))
+        for name, sid, baseline, head in runs:
+            r = measure(name, db, store, sid, head=head)
             r["baseline_s"] = baseline
             r["spooled_vs_baseline"] = r["spooled_s"] / baseline
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
