@@ -905,8 +905,11 @@ def _run(settings: Settings, db: Database, store: ObjectStore, opts: MigrationOp
             sweeps += 1
             retry_needed = False
             with lock:
-                stats.skipped, stats.failed = 0, 0
-                stats.skipped_reasons.clear()
+                # The sweep recounts what is still not movable; running steps are not swept.
+                running = stats.skipped_reasons.get("running", 0)
+                stats.skipped_reasons = {"running": running} if running else {}
+                stats.skipped, stats.failed = running, 0
+                stats.failures.clear()
             if control.cancelled.wait(opts.retry_delay * sweeps):
                 completed = False
                 break

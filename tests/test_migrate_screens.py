@@ -7,10 +7,14 @@ import time
 
 from textual.widgets import Input, ProgressBar, Static
 
+from dataclasses import replace
+
 from console.db import Database
+from console.storage import ObjectStore
 from screens.app import AtcApp
 from screens.widgets import ConfirmModal, ReasonModal
 from tests.migrate_support import assert_every_log_intact, seed_world
+from tests.test_migrate_faults import FaultProxy
 
 SIZE = (170, 45)
 
@@ -56,7 +60,30 @@ async def test_migrate_screen_plan_start_pause_cancel_resume(empty_db):
     logs = [json.dumps({"stdout": f"{i} " + "y" * 40_000, "exit_code": 0}).encode() for i in range(30)]
     ids = seed_world(empty_db, logs)
     expected = dict(zip(ids, logs))
-    app = AtcApp(empty_db, start_mode="migrate")
+    # Every PUT goes through a real loopback proxy that holds it 0.15 s, so the run lasts long
+    # enough to pause and cancel it deterministically.
+    proxy = FaultProxy(_s3_port(empty_db))
+    proxy.mode, proxy.delay = "slow", 0.15
+    settings = replace(empty_db, s3=replace(empty_db.s3, endpoint_url=proxy.url))
+    app = AtcApp(settings, start_mode="migrate")
+    try:
+        await _drive_migration(app, expected)
+    finally:
+        proxy.close()
+    assert assert_every_log_intact(empty_db, ObjectStore(empty_db), expected)["s3"] == 30
+    db = Database(empty_db)
+    try:
+        reasons = [r["reason"] for r in db.fetch("SELECT reason FROM atc.audit WHERE action = 'migrate-logs' ORDER BY id")]
+        assert reasons == ["INC-1 test", "resume"]
+    finally:
+        db.close()
+
+
+def _s3_port(settings) -> int:
+    return int(settings.s3.endpoint_url.rsplit(":", 1)[1])
+
+
+async def _drive_migration(app, expected):
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         screen.query_one("#migrate-min_size", Input).value = "0"
@@ -94,10 +121,3 @@ async def test_migrate_screen_plan_start_pause_cancel_resume(empty_db):
         bar = screen.query_one("#migrate-progress", ProgressBar)
         assert bar.percentage == 1.0
         assert "finished" in _text(app, "#migrate-stats")
-    assert assert_every_log_intact(empty_db, __import__("console.storage").storage.ObjectStore(empty_db), expected)["s3"] == 30
-    db = Database(empty_db)
-    try:
-        reasons = [r["reason"] for r in db.fetch("SELECT reason FROM atc.audit WHERE action = 'migrate-logs' ORDER BY id")]
-        assert reasons == ["INC-1 test", "resume"]
-    finally:
-        db.close()
