@@ -12,6 +12,7 @@ import pytest
 
 from browse_world import HOSTILE_NAME, make_world
 from console import browse
+from console.pauses import CURRENT_PAUSES_CTE
 from console.db import Database
 from console.errors import AtcError, Cancelled
 
@@ -106,7 +107,8 @@ def test_pause_rule(world, db):
                      "(1, true, 'bob', 'expired', now() - interval '1 minute'), "
                      "(3, true, 'carol', 'then resumed', NULL), (3, false, 'carol', 'ok again', NULL), "
                      "(4, true, 'dave', 'for an hour', now() + interval '1 hour')")
-        paused = conn.execute(browse.PAUSED_ASSIGNMENTS_SQL).fetchall()
+        # the claim/detection rule (console.pauses) and the browse columns must agree
+        paused = conn.execute(f"WITH {CURRENT_PAUSES_CTE} SELECT assignment_id FROM current_pause").fetchall()
     assert sorted(r[0] for r in paused) == [2, 4]
     rows = {r["id"]: r for r in browse.list_assignments(db).rows}
     assert [i for i, r in rows.items() if r["paused"]] == [2, 4]
