@@ -170,7 +170,7 @@ def rss_scenario(pg, s3, creds, tmp: Path, size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--only", choices=["a", "b", "rss"])
     args = parser.parse_args()

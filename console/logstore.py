@@ -60,6 +60,17 @@ _COPY_LOG = (
 # Same lock footprint (ACCESS SHARE, no row lock).
 _COPY_LOG_SEND = _COPY_LOG.replace("convert_to(log::text, 'UTF8')", "json_send(log)")
 
+# Many small logs in one COPY (the migration reads small logs in batches): rows of (id, slice
+# start, bytes) with slices of at most 1 MiB, so the client holds one row at a time whatever the
+# sizes. Reads only the listed ids, by primary key, one value de-TOASTed after the other;
+# ACCESS SHARE only, no row lock.
+_COPY_LOGS = (
+    "COPY (SELECT s.id, g, substring(s.b FROM g FOR 1048576)"
+    " FROM (SELECT id, {body} AS b FROM auto_test_step_result"
+    " WHERE id = ANY({ids}) AND log IS NOT NULL ORDER BY id OFFSET 0) AS s,"
+    " LATERAL generate_series(1, greatest(octet_length(s.b), 1), 1048576) AS g) TO STDOUT (FORMAT BINARY)"
+)
+
 # Where an inline log's value is stored, without reading it: pg_column_* look at the TOAST
 # pointer only (pg_column_toast_chunk_id is PostgreSQL 17+). Reads pg_class and one row by
 # primary key; no row lock.
@@ -145,6 +156,29 @@ def stream_db_log(conn: psycopg.Connection, step_result_id: int, *,
             if statement_timeout is not None and not conn.closed \
                     and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 cur.execute("RESET statement_timeout")
+
+
+def stream_db_logs(conn: psycopg.Connection, step_result_ids: list[int]) -> Iterator[tuple[int, bytes]]:
+    """Yield (id, piece) for the inline logs of many step results, each log's pieces in order.
+
+    For the migration's batches of small logs (one statement instead of one per log). Ids whose
+    log is NULL yield nothing. Pieces are at most 1 MiB (one COPY row each).
+    """
+    if not step_result_ids:
+        return
+    utf8 = conn.info.parameter_status("client_encoding") == "UTF8" \
+        and conn.info.parameter_status("server_encoding") == "UTF8"
+    body = "json_send(log)" if utf8 else "convert_to(log::text, 'UTF8')"
+    ids = sql.SQL("ARRAY[{}]::int[]").format(sql.SQL(", ").join(sql.Literal(int(i)) for i in step_result_ids))
+    query = sql.SQL(_COPY_LOGS.replace("{body}", body)).format(ids=ids)
+    expected_start: dict[int, int] = {}
+    with conn.cursor() as cur, cur.copy(query) as copy:
+        copy.set_types(["int4", "int4", "bytea"])
+        for sid, start, piece in copy.rows():
+            if expected_start.get(sid, 1) != start:
+                raise ValueError(f"log {sid}: slices out of order")
+            expected_start[sid] = start + 1048576
+            yield sid, bytes(piece)
 
 
 @dataclass(frozen=True)

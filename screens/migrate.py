@@ -27,7 +27,7 @@ from console.text import human_bytes, human_duration, one_line, parse_size
 
 from .widgets import ConfirmModal, ReasonModal, cell
 
-FIELDS = (("min_size", "min size", "1MB"), ("concurrency", "concurrency", "4"), ("shard", "shard K/N", "1/1"),
+FIELDS = (("min_size", "min size", "1MB"), ("concurrency", "concurrency", "8"), ("shard", "shard K/N", "1/1"),
           ("assignments", "assignment ids", ""), ("max_bytes", "max bytes", ""))
 
 
@@ -95,7 +95,7 @@ class MigrateScreen(Screen):
         except ValueError as exc:
             raise AtcError(str(exc)) from None
         try:
-            concurrency = int(values["concurrency"] or "4")
+            concurrency = int(values["concurrency"] or "8")
             assignments = tuple(int(x) for x in values["assignments"].replace(",", " ").split())
         except ValueError:
             raise AtcError("concurrency and assignment ids must be whole numbers") from None
