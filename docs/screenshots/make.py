@@ -4,7 +4,7 @@
     python3 docs/screenshots/make.py /tmp/atc-shots/atc.toml
     atc demo down --data-dir /tmp/atc-shots
 
-Drives the real app with Textual's pilot at 140x40 and saves SVGs next to this file.
+Drives the real app with Textual's pilot at 160x42 and saves SVGs next to this file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from console.config import load_settings
 from screens.app import AtcApp
 
 HERE = Path(__file__).resolve().parent
-SIZE = (140, 40)
+SIZE = (160, 42)
 
 
 async def settle(pilot, condition, timeout: float = 20.0) -> None:
