@@ -144,3 +144,18 @@ def parse_time(text: str | None, *, now: datetime | None = None, what: str = "--
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def describe_targets(targets: Any) -> str:
+    """Audit targets as one short line: ``pid 4711; assignment_id=9`` (CLI table and audit screen)."""
+    if not isinstance(targets, list):
+        return str(targets or "")
+    parts = []
+    for t in targets:
+        if isinstance(t, dict) and "pid" in t:
+            parts.append(f"pid {t['pid']}")
+        elif isinstance(t, dict):
+            parts.append(",".join(f"{k}={v}" for k, v in t.items()))
+        else:
+            parts.append(str(t))
+    return "; ".join(parts)

@@ -20,7 +20,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Input, Static
 
-from console.audit import list_audit, parse_time
+from console.audit import describe_targets, list_audit, parse_time
 from console.errors import AtcError
 from console.text import one_line, visible
 
@@ -34,18 +34,6 @@ COLUMNS = (("id", "ID"), ("at", "AT"), ("operator", "OPERATOR"), ("db_role", "RO
            ("action", "ACTION"), ("targets", "TARGETS"), ("reason", "REASON"), ("outcome", "OUTCOME"))
 
 
-def targets_text(targets: Any) -> str:
-    if not isinstance(targets, list):
-        return str(targets or "")
-    parts = []
-    for t in targets:
-        if isinstance(t, dict) and "pid" in t:
-            parts.append(f"pid {t['pid']}")
-        elif isinstance(t, dict):
-            parts.append(",".join(f"{k}={v}" for k, v in t.items()))
-        else:
-            parts.append(str(t))
-    return "; ".join(parts)
 
 
 class AuditScreen(Screen):
@@ -157,7 +145,7 @@ class AuditScreen(Screen):
                     Text(str(row["id"]), justify="right"),
                     cell(row["at"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if row["at"] else "-"),
                     cell(row["operator"], 30), cell(row["db_role"], 30), cell(row["client_addr"] or "local", 20),
-                    cell(row["action"], 20, "bold"), cell(targets_text(row["targets"]), 50), cell(row["reason"], 60),
+                    cell(row["action"], 20, "bold"), cell(describe_targets(row["targets"]), 50), cell(row["reason"], 60),
                     cell(row["outcome"], 60, "green" if row["outcome"] == "ok" else "yellow"),
                     key=str(row["id"]),
                 )

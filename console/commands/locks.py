@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from ..cli import Context, add_json_flag, emit, print_json, print_table
+from ..audit import describe_targets
 from ..errors import AtcError
 from ..text import human_bytes, human_duration, one_line, visible
 
@@ -195,21 +196,9 @@ def cmd_audit(ctx: Context, args: argparse.Namespace) -> int:
     emit(ctx, rows, columns=[("id", "ID"), ("at", "AT"), ("operator", "OPERATOR"), ("db_role", "ROLE"),
                              ("client_addr", "CLIENT"), ("action", "ACTION"), ("targets", "TARGETS"),
                              ("reason", "REASON"), ("outcome", "OUTCOME")],
-         formatters={"at": lambda v: v.isoformat(timespec="seconds") if v else "", "targets": _targets_text})
+         formatters={"at": lambda v: v.isoformat(timespec="seconds") if v else "", "targets": describe_targets})
     if next_before:
         print(f"more: --before-id {next_before}")
     return 0
 
 
-def _targets_text(targets: Any) -> str:
-    if not isinstance(targets, list):
-        return str(targets or "")
-    parts = []
-    for t in targets:
-        if isinstance(t, dict) and "pid" in t:
-            parts.append(f"pid {t['pid']}")
-        elif isinstance(t, dict):
-            parts.append(",".join(f"{k}={v}" for k, v in t.items()))
-        else:
-            parts.append(str(t))
-    return "; ".join(parts)
