@@ -173,11 +173,54 @@ def _old_enough(when: Any, cutoff: datetime) -> bool:
     return when <= cutoff
 
 
+def planned_actions(report: OrphanReport, older_than: timedelta, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """What ``clean`` would do with this report, one entry per object, pointer or upload.
+
+    The TUI shows this list in its confirmation and passes it back as ``clean(only=...)``, so
+    nothing outside the confirmed list is touched even if the bucket changed since the scan.
+    Each entry: ``kind`` (orphan, half_finished, dangling, incomplete_upload), ``ident`` (key,
+    step result id or upload id), and ``what`` (one line for the operator).
+    """
+    cutoff = (now or datetime.now(timezone.utc)) - older_than
+    plan: list[dict[str, Any]] = []
+    for item in report.half_finished:
+        plan.append({"kind": "half_finished", "ident": item["step_result_id"],
+                     "what": f"step result {item['step_result_id']}: keep the database copy, delete pointer and "
+                             f"object {item['key']}"})
+    for item in report.dangling:
+        plan.append({"kind": "dangling", "ident": item["step_result_id"],
+                     "what": f"step result {item['step_result_id']} (deleted): drop its pointer and object {item['key']}"})
+    for item in report.orphans:
+        if _old_enough(item["last_modified"], cutoff):
+            plan.append({"kind": "orphan", "ident": item["key"],
+                         "what": f"delete orphan object {item['key']} ({item['size']} bytes, no pointer)"})
+    for up in report.incomplete_uploads:
+        if _old_enough(up["initiated"], cutoff):
+            plan.append({"kind": "incomplete_upload", "ident": up["upload_id"],
+                         "what": f"abort incomplete upload of {up['key']}"})
+    return plan
+
+
+def _restrict(report: OrphanReport, only: list[dict[str, Any]]) -> None:
+    """Keep in the report only what the operator confirmed (``planned_actions`` entries)."""
+    wanted = {(a["kind"], a["ident"]) for a in only}
+    report.half_finished = [i for i in report.half_finished if ("half_finished", i["step_result_id"]) in wanted]
+    report.dangling = [i for i in report.dangling if ("dangling", i["step_result_id"]) in wanted]
+    report.orphans = [i for i in report.orphans if ("orphan", i["key"]) in wanted]
+    report.incomplete_uploads = [u for u in report.incomplete_uploads if ("incomplete_upload", u["upload_id"]) in wanted]
+
+
 def clean(settings: Settings, db: Database, store: ObjectStore, *, older_than: timedelta,
-          reason: str = "") -> OrphanReport:
+          reason: str = "", only: list[dict[str, Any]] | None = None) -> OrphanReport:
     """Scan, then delete old orphans, reconcile half-finished moves, drop dangling pointers,
-    abort old incomplete uploads. Audited. Each deletion holds the log's advisory lock."""
+    abort old incomplete uploads. Audited. Each deletion holds the log's advisory lock.
+
+    ``only`` (entries of ``planned_actions``) limits the clean-up to what was confirmed: the scan
+    is done again and only items found in both are acted on, each still re-checked under its lock.
+    """
     report = scan(db, store)
+    if only is not None:
+        _restrict(report, only)
     cutoff = datetime.now(timezone.utc) - older_than
     targets = [{"bucket": store.bucket, "prefix": report.prefix, "older_than_s": older_than.total_seconds()}]
     with audited(db, settings, "orphans-delete", targets, reason=reason) as entry:
@@ -211,6 +254,8 @@ def clean(settings: Settings, db: Database, store: ObjectStore, *, older_than: t
         for a in report.actions:
             counts[a["action"]] = counts.get(a["action"], 0) + 1
         entry.details = {"counts": counts, "missing": len(report.missing)}
+        if only is not None:
+            entry.details["confirmed"] = len(only)
     return report
 
 

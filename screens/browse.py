@@ -25,6 +25,7 @@ from console.text import human_bytes, human_duration, one_line
 
 from .widgets import ColumnSpec, PagedTable, cell, state_cell
 from .broker import PAUSE_BINDINGS, PauseActions, mark_column
+from .migrate import RESTORE_BINDINGS, RestoreLogAction
 
 _STATE_MARKS = {"passed": "✓", "failed": "✗", "timed_out": "⧗", "running": "▶", "not_started": "·", "skipped": "–"}
 
@@ -490,9 +491,12 @@ class ResultsScreen(ListScreen):
         self.app.push_screen(StepsScreen(row["id"]))
 
 
-class StepsScreen(ListScreen):
+class StepsScreen(RestoreLogAction, ListScreen):
+    """R restores the highlighted step's log from S3 into the database (screens.migrate)."""
+
     kind = "steps"
     states = browse.RESULT_STATES
+    BINDINGS = RESTORE_BINDINGS
 
     def __init__(self, result_id: int) -> None:
         super().__init__()

@@ -27,6 +27,53 @@ from console.text import human_bytes, human_duration, one_line, parse_size
 
 from .widgets import ConfirmModal, ReasonModal, cell
 
+# The restore action of the browse steps screen (screens.browse.StepsScreen mixes it in).
+RESTORE_BINDINGS = [Binding("R", "restore_log", "Restore log to DB", id="steps.restore")]
+
+
+class RestoreLogAction:
+    """Mixin for a screen with ``self.table.current_row()`` rows carrying ``id``, ``log_where`` and
+    ``log_s3_key``: ``R`` moves the highlighted step's log from S3 back into the database
+    (``console.restore.restore_logs``: verified size + SHA-256, same guards as the move, audited)
+    through the app's confirm -> reason -> worker path."""
+
+    def action_restore_log(self) -> None:
+        row = self.table.current_row()  # type: ignore[attr-defined]
+        if row is None:
+            self.notify("no step highlighted", severity="warning", markup=False)  # type: ignore[attr-defined]
+            return
+        sid = int(row["id"])
+        if row.get("log_where") != "s3":
+            self.notify(f"step result {sid}: its log is not in S3, nothing to restore",  # type: ignore[attr-defined]
+                        severity="warning", markup=False)
+            return
+        app = self.app  # type: ignore[attr-defined]
+        key = one_line(row.get("log_s3_key") or "", 200)
+        lines = [f"step result {sid}: copy s3://{app.store.bucket}/{key} back into the database",
+                 "verified against its pointer (size + SHA-256) before anything is written",
+                 "then the pointer and the object are deleted: the database is authoritative again"]
+
+        def run(reason: str) -> Any:
+            from console.restore import restore_logs
+
+            return restore_logs(app.settings, app.db, app.store, [sid], reason=reason)
+
+        app.confirm_and_run(f"Restore log {sid} to the database", lines, run, on_done=self._log_restored,
+                            confirm_label="Restore")
+
+    def _log_restored(self, outcomes: list[Any]) -> None:
+        for o in outcomes:
+            if o.status == "restored":
+                self.notify(f"log {o.step_result_id} restored to the database ({human_bytes(o.size)})",  # type: ignore[attr-defined]
+                            markup=False)
+            else:
+                detail = f": {one_line(o.error, 200)}" if o.error else ""
+                self.notify(f"log {o.step_result_id} not restored ({o.status}){detail}",  # type: ignore[attr-defined]
+                            severity="error" if o.status == "failed" else "warning", markup=False)
+        reload = getattr(self, "reload", None)
+        if reload is not None:
+            reload()
+
 FIELDS = (("min_size", "min size", "1MB"), ("concurrency", "concurrency", "8"), ("shard", "shard K/N", "1/1"),
           ("assignments", "assignment ids", ""), ("max_bytes", "max bytes", ""))
 
@@ -56,6 +103,7 @@ class MigrateScreen(Screen):
         Binding("p", "pause", "Pause/resume", id="migrate.pause"),
         Binding("c", "cancel_run", "Cancel run", id="migrate.cancel"),
         Binding("r", "runs", "Reload runs", id="migrate.runs"),
+        Binding("o", "orphans", "Orphans", id="migrate.orphans"),
     ]
 
     def __init__(self) -> None:
@@ -240,6 +288,9 @@ class MigrateScreen(Screen):
     def action_runs(self) -> None:
         self.load_runs()
 
+    def action_orphans(self) -> None:
+        self.app.push_screen(OrphansScreen())
+
     @work(thread=True, exclusive=True, group="migrate-runs", exit_on_error=False)
     def load_runs(self) -> None:
         try:
@@ -259,3 +310,130 @@ class MigrateScreen(Screen):
                               cell(r["operator"], 30), cell(human_bytes(r["min_size"])), cell(r["moved_logs"]),
                               cell(human_bytes(r["moved_bytes"])), cell(r["skipped"]), cell(r["failed"]),
                               cell(f"{r['shards_finished']}/{r['shards_seen']}"))
+
+
+# -- orphans ---------------------------------------------------------------------------------------
+
+ORPHAN_KINDS = {
+    "orphans": ("orphan", "object without pointer (DB authoritative): deletable"),
+    "half_finished": ("half-finished", "pointer + inline bytes (DB authoritative): reconcile"),
+    "dangling": ("dangling", "pointer of a deleted step result: drop"),
+    "incomplete_uploads": ("upload", "incomplete multipart upload: abort"),
+    "missing": ("MISSING", "pointer whose object is gone: S3 lost a moved log"),
+    "size_mismatch": ("SIZE", "object size differs from its pointer"),
+}
+
+
+class OrphansScreen(Screen):
+    """Objects no pointer references and half-finished moves (``console.orphans``), and cleaning them.
+
+    ``r`` rescans (read-only). ``x`` cleans what the scan found and is older than the age typed in
+    (default 1d): the confirmation lists exactly each object, pointer and upload concerned, and
+    only those are acted on (``clean(only=...)``), each re-checked under the log's advisory lock.
+    """
+
+    CSS_PATH = "migrate.tcss"
+    AUTO_FOCUS = "#orphans-table"
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", id="orphans.back"),
+        Binding("r", "scan", "Rescan", id="orphans.scan"),
+        Binding("x", "clean", "Clean…", id="orphans.clean"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: Any = None
+        self.scans = 0
+
+    def compose(self) -> ComposeResult:
+        yield Static(Text("Orphaned objects and half-finished moves", style="bold"), classes="screen-title")
+        with Horizontal(id="orphans-form"):
+            yield Label(Text("clean items older than"))
+            yield Input(value="1d", id="orphans-older-than")
+        yield Static(Text("scanning…", style="dim"), id="orphans-summary")
+        table = DataTable(id="orphans-table", cursor_type="row", zebra_stripes=True)
+        for label in ("kind", "step result", "key", "size", "age", "meaning"):
+            table.add_column(label, key=label)
+        yield table
+
+    def on_mount(self) -> None:
+        self.action_scan()
+
+    def action_scan(self) -> None:
+        self.query_one("#orphans-summary", Static).update(Text("scanning…", style="dim"))
+        self.run_scan()
+
+    @work(thread=True, exclusive=True, group="orphans-scan", exit_on_error=False)
+    def run_scan(self) -> None:
+        from console.orphans import scan
+
+        try:
+            report = scan(self.app.db, self.app.store)
+        except AtcError as exc:
+            self.app.call_from_thread(self._scan_failed, exc.message)
+            return
+        self.app.call_from_thread(self._show, report)
+
+    def _scan_failed(self, message: str) -> None:
+        self.query_one("#orphans-summary", Static).update(Text(one_line(message, 300), style="red"))
+        self.notify(message, severity="error", markup=False)
+
+    def _show(self, report: Any) -> None:
+        from datetime import datetime, timezone
+
+        self.report = report
+        self.scans += 1
+        now = datetime.now(timezone.utc)
+        table = self.query_one("#orphans-table", DataTable)
+        with self.app.batch_update():
+            table.clear()
+            for field_name, (label, meaning) in ORPHAN_KINDS.items():
+                for item in getattr(report, field_name):
+                    when = item.get("last_modified") or item.get("initiated")
+                    age = human_duration((now - when).total_seconds()) if when is not None else "-"
+                    size = item.get("size", item.get("object_size"))
+                    table.add_row(cell(label, style="bold red" if label in ("MISSING", "SIZE") else ""),
+                                  cell(item.get("step_result_id") if item.get("step_result_id") is not None else "-"),
+                                  cell(item.get("key", ""), 80), cell(human_bytes(size) if size is not None else "-"),
+                                  cell(age), cell(meaning))
+        text = Text(f"s3://{report.bucket}/{report.prefix}: {report.objects} objects "
+                    f"({human_bytes(report.object_bytes)}), {report.pointers} pointers · "
+                    f"{len(report.orphans)} orphans · {len(report.half_finished)} half-finished · "
+                    f"{len(report.dangling)} dangling · {len(report.incomplete_uploads)} incomplete uploads")
+        if report.missing or report.size_mismatch:
+            text.append(f"\n{len(report.missing)} pointers have no object, {len(report.size_mismatch)} sizes differ: "
+                        "S3 lost or changed moved logs (nothing is done about them automatically)", style="bold red")
+        self.query_one("#orphans-summary", Static).update(text)
+
+    def action_clean(self) -> None:
+        from console.orphans import parse_age, planned_actions
+
+        if self.report is None:
+            self.notify("no scan yet (r scans)", severity="warning", markup=False)
+            return
+        try:
+            older_than = parse_age(self.query_one("#orphans-older-than", Input).value or "1d")
+        except AtcError as exc:
+            self.notify(exc.message, severity="error", markup=False)
+            return
+        plan = planned_actions(self.report, older_than)
+        if not plan:
+            self.notify(f"nothing to clean older than {human_duration(older_than.total_seconds())}", markup=False)
+            return
+        lines = [one_line(a["what"], 160) for a in plan]
+        app = self.app
+
+        def run(reason: str) -> Any:
+            from console.orphans import clean
+
+            return clean(app.settings, app.db, app.store, older_than=older_than, reason=reason, only=plan)
+
+        app.confirm_and_run(f"Clean {len(plan)} orphaned item(s)", lines, run, on_done=self._cleaned,
+                            confirm_label="Delete")
+
+    def _cleaned(self, report: Any) -> None:
+        done = [a for a in report.actions if not a["action"].startswith(("kept", "skipped"))]
+        kept = len(report.actions) - len(done)
+        self.notify(f"cleaned {len(done)} item(s)" + (f", {kept} kept or skipped (re-checked under lock)" if kept else ""),
+                    markup=False)
+        self.action_scan()
