@@ -159,9 +159,6 @@ class EmbeddedPostgres:
     def pgdata(self) -> Path:
         return self.data_dir / "pgdata"
 
-    @property
-    def socket_dir(self) -> Path:
-        return self.data_dir / "pgsock"
 
     @property
     def log_path(self) -> Path:
@@ -194,7 +191,7 @@ class EmbeddedPostgres:
                 marker.touch()
             except OSError:
                 pass
-        for path in (self.data_dir, self.pgdata, self.socket_dir):
+        for path in (self.data_dir, self.pgdata):
             path.mkdir(parents=True, exist_ok=True)
             os.chown(path, entry.pw_uid, entry.pw_gid)
         if not self.log_path.exists():
@@ -204,7 +201,6 @@ class EmbeddedPostgres:
     def initdb(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_permissions()
         if (self.pgdata / "PG_VERSION").exists():
             return
@@ -223,7 +219,9 @@ class EmbeddedPostgres:
         args = [
             str(_postgres_bin() / "postgres"), "-D", str(self.pgdata),
             "-c", f"listen_addresses={LOOPBACK}", "-p", str(self.port),
-            "-c", f"unix_socket_directories={self.socket_dir}",
+            # TCP on loopback only. No Unix socket: its path (data dir + /.s.PGSQL.port) must fit in
+            # 107 bytes, which a deep --data-dir or pytest's numbered temp dirs exceed.
+            "-c", "unix_socket_directories=",
             "-c", f"max_connections={self.max_connections}",
             "-c", "max_locks_per_transaction=256",
             "-c", "track_io_timing=on",
@@ -328,6 +326,17 @@ class EmbeddedS3:
         return self.data_dir / "seaweedfs.log"
 
     @property
+    def socket_dir(self) -> Path:
+        """A short directory for weed's Unix sockets: a socket path must fit in 107 bytes, which a
+        deep data dir (or pytest's numbered temp dirs) exceeds. Keyed on the data dir, so it is
+        unique per instance and found again by `stop`."""
+        import hashlib
+        import tempfile
+
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"atc-weed-{digest}"
+
+    @property
     def identities_path(self) -> Path:
         return self.data_dir / "s3-identities.json"
 
@@ -359,6 +368,7 @@ class EmbeddedS3:
     def start(self, *, tie_to_parent: bool = False, timeout: float = 60.0) -> "EmbeddedS3":
         store = self.data_dir / "weed"
         store.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
         self._ensure_credentials()
         # master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc, admin, admin grpc
         ports = free_ports(10)
@@ -371,9 +381,9 @@ class EmbeddedS3:
             f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}",
             f"-volume.port={ports[2]}", f"-volume.port.grpc={ports[3]}",
             f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
-            f"-filer.localSocket={store}/filer.sock",
+            f"-filer.localSocket={self.socket_dir}/filer.sock",
             f"-s3.port={ports[6]}", f"-s3.port.grpc={ports[7]}",
-            f"-s3.localSocket={store}/s3.sock",
+            f"-s3.localSocket={self.socket_dir}/s3.sock",
             f"-admin.port={ports[8]}", f"-admin.port.grpc={ports[9]}", "-admin.ui=false",
             "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false",
@@ -444,6 +454,7 @@ class EmbeddedS3:
         if pid:
             _stop_pid(pid, signal.SIGTERM, timeout)
         self.pid = 0
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def is_running(self) -> bool:
         return bool(self._recorded_pid())
