@@ -78,7 +78,8 @@ APP_ACTIONS: list[AppAction] = [
     AppAction("app.help", "question_mark", "help", "Help", key_display="?"),
     AppAction("app.command_line", "colon", "command_line", "Command", key_display=":"),
     AppAction("app.palette", "ctrl+p", "command_palette", "Palette", show=False),
-    AppAction("app.quit", "ctrl+q", "quit", "Quit", show=False),
+    # q as in htop, k9s, lazygit; text inputs take the letter first, so typing q is safe.
+    AppAction("app.quit", "q,ctrl+q", "quit", "Quit", show=False, key_display="q"),
 ]
 
 

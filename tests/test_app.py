@@ -343,3 +343,18 @@ async def test_demo_data_drill_to_log(demo_db):
             return  # the viewer is another part's; the drill above is what this test owns
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, LogViewerScreen), timeout=20)
+
+
+async def test_q_quits_but_typing_q_in_a_filter_does_not(world):
+    app = AtcApp(world)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        await pilot.press("slash", "q")
+        await pilot.pause()
+        assert app.is_running and isinstance(app.focused, Input) and app.focused.value == "q"
+        await pilot.press("escape")
+        await pilot.pause()
+        table_of(app).focus()
+        await pilot.press("q")
+        await pilot.pause()
+        assert not app.is_running
