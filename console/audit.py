@@ -71,7 +71,7 @@ def record(db: Database, settings: Settings, action: str, targets: list[Any], *,
 
 def require_writable(settings: Settings, action: str) -> None:
     if settings.read_only:
-        raise ReadOnlyError(f"{action} refused: atc runs read-only (read_only = true in {settings.source})")
+        raise ReadOnlyError(f"{action} refused: atc runs read-only ({settings.read_only_because})")
 
 
 @contextmanager

@@ -172,7 +172,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
 
     settings = load_settings(args.config)
     if getattr(args, "read_only", False):
-        settings = replace(settings, read_only=True)
+        settings = replace(settings, read_only=True, read_only_origin="--read-only")
     if getattr(args, "operator", None):
         settings = replace(settings, operator=args.operator)
     return settings

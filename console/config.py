@@ -94,6 +94,12 @@ class Settings:
     ui: UISettings = field(default_factory=UISettings)
     # Where the settings came from (not a TOML key).
     source: str = field(default="(defaults)", compare=False)
+    # Why atc is read-only when it is (the --read-only flag or the file), for refusal messages.
+    read_only_origin: str = field(default="", compare=False)
+
+    @property
+    def read_only_because(self) -> str:
+        return self.read_only_origin or f"read_only = true in {self.source}"
 
     @property
     def operator_name(self) -> str:
@@ -107,7 +113,7 @@ def _login_name() -> str:
         return "unknown"
 
 
-_INTERVAL = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
+_INTERVAL = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)\s*$")
 _INTERVAL_KEYS = {"statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout"}
 
 
@@ -151,7 +157,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"config {source}: [{prefix.rstrip('.')}] must be a table")
     hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.name != "source"}
+    known = {f.name for f in fields(cls) if f.name not in ("source", "read_only_origin")}
     unknown = sorted(set(raw) - known)
     if unknown:
         where = f"[{prefix.rstrip('.')}] " if prefix else ""
@@ -166,7 +172,12 @@ def _build(cls: type, raw: Any, prefix: str, source: str):
             values[name] = _build(expected, value, prefix=f"{key}.", source=source)
             continue
         values[name] = _check_type(key, value, expected, source)
-        if name in _INTERVAL_KEYS and not _INTERVAL.match(str(value)):
+        if name in _INTERVAL_KEYS and str(value).strip() != "0" and not _INTERVAL.match(str(value)):
+            if re.fullmatch(r"\s*\d+(\.\d+)?\s*", str(value)):
+                # PostgreSQL would read a bare number as milliseconds; nobody means 5 ms.
+                raise ConfigError(
+                    f"config {source}: {key} = {value!r} has no unit: write e.g. '{value}s' or '{value}ms' (0 turns it off)"
+                )
             raise ConfigError(
                 f"config {source}: {key} = {value!r} is not a duration (use e.g. '500ms', '5s', '2min', or 0 for off)"
             )

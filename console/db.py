@@ -95,6 +95,13 @@ def connect(
             **session_options(settings, application_suffix=application_suffix),
         )
     except psycopg.OperationalError as exc:
+        if settings.source == "(defaults)" and not dsn:
+            from .config import default_config_path
+
+            raise DatabaseError(
+                f"no config file found (looked for {default_config_path()}) and the PG* environment points nowhere "
+                f"that answers: pass --config PATH, set $ATC_CONFIG, or try `atc demo` ({first_line(exc)})"
+            ) from None
         raise DatabaseError(
             f"cannot connect to the database at {describe_target(dsn)} (check {key} or PG* environment): {first_line(exc)}"
         ) from None

@@ -39,7 +39,7 @@ def test_sample_config_documents_every_setting():
 
     def walk(cls, table, prefix=""):
         for f in fields(cls):
-            if f.name == "source":
+            if f.name in ("source", "read_only_origin"):
                 continue
             assert f.name in table, f"sample-config.toml lacks {prefix}{f.name}"
             if is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Settings")):
@@ -68,9 +68,31 @@ def test_bad_settings_name_the_key(raw, needle):
     assert "\n" not in str(err.value)
 
 
-def test_numeric_timeout_is_milliseconds():
-    s = settings_from_mapping({"database": {"statement_timeout": 2500}})
-    assert s.database.statement_timeout == "2500"
+@pytest.mark.parametrize("value", [5, "5", 2.5])
+def test_timeout_without_unit_is_refused(value):
+    # PostgreSQL would read a bare number as milliseconds; `statement_timeout = 5` means 5 ms there.
+    with pytest.raises(ConfigError, match="has no unit: write e.g."):
+        settings_from_mapping({"database": {"statement_timeout": value}})
+
+
+@pytest.mark.parametrize("value", [0, "0", "250ms", "5s", "2min", "1h"])
+def test_timeouts_with_units_or_zero_are_accepted(value):
+    assert settings_from_mapping({"database": {"lock_timeout": value}}).database.lock_timeout == str(value)
+
+
+def test_read_only_refusal_names_its_origin(tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text("read_only = false\n")
+    assert main(["--config", str(path), "--read-only", "db", "upgrade"]) == 2
+    assert "read_only" in capsys.readouterr().err
+    from console.audit import require_writable
+    from dataclasses import replace
+
+    with pytest.raises(Exception, match=r"\(--read-only\)"):
+        require_writable(replace(load_settings(str(path)), read_only=True, read_only_origin="--read-only"), "pause")
+    path.write_text("read_only = true\n")
+    with pytest.raises(Exception, match=f"read_only = true in {path}"):
+        require_writable(load_settings(str(path)), "pause")
 
 
 def test_config_resolution_env_and_explicit(tmp_path, monkeypatch):

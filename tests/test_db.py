@@ -175,3 +175,23 @@ def test_redact_dsn():
     assert "secret" not in redact_dsn("postgresql://u:secret@h/db")
     assert "secret" not in redact_dsn("host=h password=secret dbname=d")
     assert "secret" not in redact_dsn("host=h password='sec ret' dbname=d")
+
+
+def test_db_check_says_when_s3_is_not_configured(empty_db, tmp_path, capsys):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[database]\ndsn = "{empty_db.database.dsn}"\n')
+    assert main(["--config", str(path), "db", "check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("database  ok  ") and "no [s3] bucket set" in out
+
+
+def test_no_config_file_and_no_server_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ATC_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "empty"))
+    for var in ("PGHOST", "PGPORT", "PGSERVICE", "PGDATABASE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", "1")
+    assert main(["db", "check"]) == 2
+    err = capsys.readouterr().err
+    assert "no config file found" in err and "atc demo" in err and err.count("\n") == 1

@@ -53,7 +53,21 @@ def cmd_db_check(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.settings.s3.bucket:
         ctx.store.check()
         result["s3"] = {"endpoint": ctx.store.endpoint, "bucket": ctx.store.bucket, "ok": True}
-    emit(ctx, result)
+    else:
+        # Browsing works without S3; moving logs and reading moved ones do not.
+        result["s3"] = {"configured": False, "ok": False,
+                        "note": "no [s3] bucket set: moved logs cannot be read and migrate-logs will refuse"}
+    if ctx.json_output:
+        emit(ctx, result)
+    else:
+        db = result["database"]
+        print(f"database  ok  {db['target']} as {db['role']}, PostgreSQL {db['server_version']}"
+              f"{' (replica)' if db['in_recovery'] else ''}")
+        s3 = result["s3"]
+        if s3.get("configured", True):
+            print(f"s3        ok  {s3['endpoint']} bucket {s3['bucket']}")
+        else:
+            print(f"s3        --  {s3['note']}")
     return 0
 
 
