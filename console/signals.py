@@ -61,6 +61,18 @@ REFUSED = "refused"
 FAILED = "failed"
 
 
+def check_pids(pids: Iterable[int]) -> list[int]:
+    """Pids typed by an operator, checked: a server process id is a positive integer. Raises an
+    AtcError naming the first bad one (pid 0 in the lock view is a prepared transaction)."""
+    checked = []
+    for pid in pids:
+        if int(pid) <= 0:
+            raise AtcError(f"pid {pid} is not a server process id (pids are positive; a prepared transaction, "
+                           f"shown as pid 0, is ended with COMMIT PREPARED or ROLLBACK PREPARED)")
+        checked.append(int(pid))
+    return checked
+
+
 @dataclass(frozen=True)
 class SignalTarget:
     """One session to signal, as the operator saw it."""
@@ -131,7 +143,7 @@ class Signaller:
 
     def lookup(self, pids: Iterable[int]) -> list[SignalTarget]:
         """Targets for pids typed by an operator (CLI): their identity right now."""
-        wanted = list(dict.fromkeys(int(p) for p in pids))
+        wanted = list(dict.fromkeys(check_pids(pids)))
         rows = self.db.fetch(LOOKUP_SESSIONS, (wanted,), what="session lookup")
         found = {r["pid"]: r for r in rows}
         targets = []
@@ -157,6 +169,7 @@ class Signaller:
             raise AtcError(f"{action} needs a reason (--reason), recorded in the audit trail")
         if not targets:
             raise AtcError(f"{action}: no sessions given")
+        check_pids(t.pid for t in targets)
         report = SignalReport(action=action)
         statement = SIGNAL_CANCEL if action == "cancel" else SIGNAL_TERMINATE
         with audited(self.db, self.settings, action, [t.audit_target() for t in targets], reason=reason) as entry:

@@ -193,3 +193,34 @@ def test_cli_refuses_without_confirmation_or_in_read_only(scene, tmp_path, capsy
     err = capsys.readouterr().err
     assert "read-only" in err and err.count("\n") == 1
     assert victim.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("bad", ["-1", "0"])
+def test_cli_non_positive_pid_is_a_one_line_error(scene, tmp_path, capsys, bad):
+    from blocking import write_config
+    from console.cli import main
+
+    settings, app = scene
+    victim = app.connect(autocommit=True)
+    config = write_config(tmp_path / "atc.toml", settings)
+    code = main(["--config", str(config), "terminate", str(victim.info.backend_pid), bad, "--reason", "x", "--yes"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"pid {bad} is not a server process id" in captured.err and captured.err.count("\n") == 1
+    assert "refused" not in captured.out + captured.err
+    assert victim.execute("SELECT 1").fetchone() == (1,)  # nothing was signalled
+    db = Database(settings)
+    assert list_audit(db, action="terminate") == []       # and nothing audited as attempted
+    db.close()
+
+
+def test_api_refuses_non_positive_pids(scene):
+    settings, _ = scene
+    signaller = Signaller(settings)
+    try:
+        with pytest.raises(AtcError, match="pid -5 is not a server process id"):
+            signaller.lookup([12, -5])
+        with pytest.raises(AtcError, match="pid 0 is not"):
+            signaller.signal("cancel", [SignalTarget(pid=0, backend_start=None)], reason="x")
+    finally:
+        signaller.close()

@@ -106,9 +106,10 @@ def cmd_locks(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_signal(ctx: Context, args: argparse.Namespace) -> int:
     from ..audit import require_writable
-    from ..signals import SIGNALLED, Signaller
+    from ..signals import SIGNALLED, Signaller, check_pids
 
     action = args.action
+    check_pids(args.pids)  # before touching the database: a bad pid is a one-line error, exit 2
     require_writable(ctx.settings, action)
     if not args.reason.strip():
         raise AtcError(f"{action} needs a non-empty --reason (it is recorded in the audit trail)")
