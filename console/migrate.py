@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator
 
 import psycopg
@@ -50,7 +50,7 @@ from psycopg.types.json import Jsonb
 from .audit import audited, require_writable
 from .config import Settings
 from .db import Database, connect, first_line, translate_error
-from .errors import AtcError, Cancelled, DatabaseError, StorageError
+from .errors import AtcError, Cancelled, DatabaseError, NotFound, StorageError
 from .logformat import summarize_log_stream
 from .logstore import stream_db_log, stream_db_logs
 from .storage import ObjectStore
@@ -81,6 +81,10 @@ WHERE s.id > %(after)s
 ORDER BY s.id
 LIMIT %(limit)s
 """
+
+# Which of the assignment ids given to --assignment exist (primary key lookup; ACCESS SHARE only,
+# no row locks, no log column): an unknown id is an operator error, not "0 logs to move".
+ASSIGNMENTS_BY_ID = 'SELECT id FROM "Assignment" WHERE id = ANY(%s)'
 
 # Session-level advisory lock on one log id (released explicitly, or when the connection ends).
 TRY_LOCK_LOG = "SELECT pg_try_advisory_lock(%s, %s) AS got"
@@ -325,8 +329,21 @@ class Plan:
         return asdict(self)
 
 
+def check_assignments(db: Database, assignment_ids: tuple[int, ...] | list[int]) -> None:
+    """NotFound naming every --assignment id that does not exist (same rule as `atc pause`)."""
+    if not assignment_ids:
+        return
+    rows = db.fetch(ASSIGNMENTS_BY_ID, (list(assignment_ids),), what="assignment lookup")
+    known = {r["id"] for r in rows}
+    missing = [i for i in assignment_ids if i not in known]
+    if missing:
+        raise NotFound(f"no assignment with id {', '.join(map(str, missing))} (check --assignment; "
+                       "`atc assignments` lists them)")
+
+
 def plan_migration(db: Database, opts: MigrationOptions, *, after: int = 0) -> Plan:
     """Dry run: walk the candidates of this shard (sizes only) and total them."""
+    check_assignments(db, opts.assignment_ids)
     plan = Plan()
     cursor = after
     while True:
@@ -358,43 +375,60 @@ def plan_migration(db: Database, opts: MigrationOptions, *, after: int = 0) -> P
 
 @dataclass
 class MigrationStats:
-    """Live counters, shared between worker threads, the progress writer and the UI."""
+    """Live counters, shared between worker threads, the progress writer and the UI.
+
+    Two kinds of bytes, never mixed: *stored* bytes are ``pg_column_size`` (what the log takes in
+    the database, compressed: the plan, the threshold and the progress bar count these); *uploaded*
+    bytes are the raw log bytes written to S3 (``moved_bytes`` and the rate)."""
 
     run_id: int = 0
     shard: str = "1/1"
     planned_logs: int = 0
-    planned_bytes: int = 0  # stored (pg_column_size) bytes of the planned logs
+    planned_bytes: int = 0  # stored (pg_column_size, compressed) bytes of the planned logs
     moved_logs: int = 0
-    moved_bytes: int = 0  # exact bytes written to S3
+    moved_bytes: int = 0  # exact raw bytes uploaded to S3
+    moved_stored_bytes: int = 0  # stored (compressed) bytes the moved logs freed in the database
     done_stored_bytes: int = 0  # stored bytes of logs dealt with (moved or not): drives the bar
     skipped: int = 0
     failed: int = 0
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     last_error: str = ""
     started_at: float = field(default_factory=time.monotonic)
-    state: str = "starting"  # starting, running, paused, cancelling, finished, stopped, failed
+    state: str = "starting"  # starting, running, cancelling, finished, stopped, failed
     failures: list[dict[str, Any]] = field(default_factory=list)
+    # Set by migrate_logs (not a dataclass field: not copied into snapshots): time spent paused
+    # is left out of elapsed, rate and ETA, so they stand still while paused.
+    control: "MigrationControl | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def paused(self) -> bool:
+        return self.control is not None and self.control.paused and self.state in ("starting", "running")
 
     @property
     def elapsed(self) -> float:
-        return max(1e-9, time.monotonic() - self.started_at)
+        """Seconds the run has been working (time spent paused excluded)."""
+        paused_for = self.control.paused_seconds() if self.control is not None else 0.0
+        return max(1e-9, time.monotonic() - self.started_at - paused_for)
 
     @property
     def rate(self) -> float:
-        """Bytes written to S3 per second."""
+        """Raw bytes uploaded to S3 per working second."""
         return self.moved_bytes / self.elapsed
 
     @property
     def eta(self) -> float | None:
+        """Working seconds left, from the stored bytes dealt with so far; None when unknown."""
         if not self.done_stored_bytes or self.planned_bytes <= self.done_stored_bytes:
             return None
         per_byte = self.elapsed / self.done_stored_bytes
         return (self.planned_bytes - self.done_stored_bytes) * per_byte
 
     def snapshot(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k not in ("started_at", "failures")}
+        skip = ("started_at", "failures", "control")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        data["skipped_reasons"] = dict(self.skipped_reasons)
         data.update(elapsed=round(self.elapsed, 3), rate_bytes_per_s=round(self.rate, 1),
-                    eta_s=None if self.eta is None else round(self.eta, 1),
+                    eta_s=None if self.eta is None else round(self.eta, 1), paused=self.paused,
                     failures=list(self.failures[:50]))
         return data
 
@@ -406,20 +440,36 @@ class MigrationControl:
         self._running = threading.Event()
         self._running.set()
         self.cancelled = threading.Event()
+        self._pause_lock = threading.Lock()
+        self._paused_total = 0.0
+        self._paused_since: float | None = None
 
     def pause(self) -> None:
-        self._running.clear()
+        with self._pause_lock:
+            if self._paused_since is None:
+                self._paused_since = time.monotonic()
+            self._running.clear()
 
     def resume(self) -> None:
-        self._running.set()
+        with self._pause_lock:
+            if self._paused_since is not None:
+                self._paused_total += time.monotonic() - self._paused_since
+                self._paused_since = None
+            self._running.set()
 
     @property
     def paused(self) -> bool:
         return not self._running.is_set()
 
+    def paused_seconds(self) -> float:
+        """Total time paused so far, the current pause included."""
+        with self._pause_lock:
+            current = time.monotonic() - self._paused_since if self._paused_since is not None else 0.0
+            return self._paused_total + current
+
     def cancel(self) -> None:
         self.cancelled.set()
-        self._running.set()
+        self.resume()
 
     def wait_if_paused(self) -> bool:
         """Block while paused; False once cancelled."""
@@ -1277,9 +1327,10 @@ def migrate_logs(settings: Settings, db: Database, store: ObjectStore, opts: Mig
     """Run (or resume) a migration of this shard; audited. Raises FatalRunError if S3/DB went away."""
     require_writable(settings, "migrate-logs")
     control = control or MigrationControl()
+    check_assignments(db, opts.assignment_ids)
     store.check()
     run_id, watermark_start, counters = _open_run(db, settings, opts)
-    stats = MigrationStats(run_id=run_id, shard=f"{opts.shard}/{opts.shard_count}")
+    stats = MigrationStats(run_id=run_id, shard=f"{opts.shard}/{opts.shard_count}", control=control)
     plan = plan_migration(db, opts, after=watermark_start)
     stats.planned_logs, stats.planned_bytes = plan.movable_logs, plan.movable_bytes
     targets = [{"run": run_id, "shard": stats.shard, "min_size": opts.min_size,
@@ -1358,6 +1409,7 @@ def _run(settings: Settings, db: Database, store: ObjectStore, opts: MigrationOp
             if outcome.status == "moved":
                 stats.moved_logs += 1
                 stats.moved_bytes += outcome.size
+                stats.moved_stored_bytes += stored_size
                 consecutive_failures = 0
             elif outcome.status == "failed":
                 stats.failed += 1

@@ -10,15 +10,16 @@ progress comes back through ``call_from_thread``, throttled.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Input, Label, ProgressBar, Static
+from textual.widgets import Button, DataTable, Input, Label, ProgressBar, Static
 
 from console.errors import AtcError
 from console.migrate import (MigrationControl, MigrationOptions, MigrationStats, Plan, list_runs, migrate_logs,
@@ -79,11 +80,17 @@ FIELDS = (("min_size", "min size", "1MB"), ("concurrency", "concurrency", "8"), 
 
 
 def stats_text(stats: MigrationStats) -> Text:
+    """Counters of a run. One ETA (working time left, frozen while paused); stored bytes
+    (compressed, in the database) and uploaded bytes (raw, to S3) are labelled as such."""
     text = Text()
-    style = {"finished": "green", "failed": "bold red", "cancelled": "yellow", "paused": "yellow"}.get(stats.state, "")
-    text.append(f"run {stats.run_id} shard {stats.shard}: {stats.state}\n", style=style or "bold")
-    text.append(f"moved {stats.moved_logs}/{stats.planned_logs} logs · {human_bytes(stats.moved_bytes)} to S3 · "
-                f"{human_bytes(stats.rate)}/s · ETA {human_duration(stats.eta)} · elapsed {human_duration(stats.elapsed)}\n")
+    state = "paused" if stats.paused else stats.state
+    style = {"finished": "green", "failed": "bold red", "cancelled": "yellow", "paused": "yellow"}.get(state, "")
+    text.append(f"run {stats.run_id} shard {stats.shard}: {state}\n", style=style or "bold")
+    eta = "paused" if stats.paused else human_duration(stats.eta)
+    text.append(f"moved {stats.moved_logs:,}/{stats.planned_logs:,} logs · dealt with "
+                f"{human_bytes(stats.done_stored_bytes)} of {human_bytes(stats.planned_bytes)} stored in the database "
+                f"(compressed) · {human_bytes(stats.moved_bytes)} uploaded to S3 (raw) at {human_bytes(stats.rate)}/s · "
+                f"ETA {eta} · elapsed {human_duration(stats.elapsed)}\n")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped_reasons.items())) or "-"
     text.append(f"skipped {stats.skipped} ({reasons}) · failed {stats.failed}")
     if stats.last_error:
@@ -92,18 +99,62 @@ def stats_text(stats: MigrationStats) -> Text:
     return text
 
 
+def plan_lines(plan: Plan, opts: MigrationOptions, bucket: str, prefix: str) -> list[str]:
+    """What starting this migration does, in logs and bytes (for the reason and confirm dialogs)."""
+    lines = [f"{plan.movable_logs:,} logs of finished steps, each stored at {human_bytes(opts.min_size)} or more: "
+             f"{human_bytes(plan.movable_bytes)} stored in the database (compressed)",
+             f"their raw bytes are uploaded to s3://{bucket}/{prefix}, read back and verified (size + SHA-256), "
+             "then the database copy is set to NULL",
+             f"shard {opts.shard}/{opts.shard_count}, {opts.concurrency} logs at a time"]
+    if opts.assignment_ids:
+        lines.append("only assignments " + ", ".join(map(str, opts.assignment_ids)))
+    if plan.capped_by_max_bytes:
+        lines.append(f"capped at {human_bytes(opts.max_bytes)} stored (max bytes)")
+    running = plan.logs - plan.movable_logs
+    if running:
+        lines.append(f"{running:,} logs at or above the size are not finished: left in the database")
+    return lines
+
+
+class MoveConfirmModal(ConfirmModal):
+    """The confirmation of a migration: says how many logs and bytes move, not how many lines."""
+
+    def __init__(self, title: str, lines: list[str], logs: int) -> None:
+        super().__init__(title, lines, confirm_label="Move")
+        self.logs = logs
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(cell(self.title_text, 200), id="confirm-title")
+            with VerticalScroll(id="confirm-lines"):
+                for line in self.lines:
+                    yield Static(cell(line, 300))
+            yield Static(Text(f"Press y to move these {self.logs:,} logs, n or Escape to cancel.", style="dim"))
+            with Horizontal():
+                yield Button("Cancel", id="cancel")
+                yield Button(self.confirm_label, id="confirm", variant="error")
+
+
 class MigrateScreen(Screen):
-    """Move large logs to S3 with a progress bar."""
+    """Move large logs to S3 with a progress bar.
+
+    Focus starts on the runs table, so the section keys (1-9) and the action keys work on
+    arrival. ``e`` (or ``/``) goes to the options form; Enter there plans with those options and
+    goes back; Escape goes back unchanged."""
 
     CSS_PATH = "migrate.tcss"
-    AUTO_FOCUS = "#migrate-min_size"
+    # The content, never a form field: typed section keys must switch sections.
+    AUTO_FOCUS = "#migrate-runs"
     BINDINGS = [
         Binding("d", "plan", "Plan (dry run)", id="migrate.plan"),
         Binding("s", "start", "Start", id="migrate.start"),
         Binding("p", "pause", "Pause/resume", id="migrate.pause"),
         Binding("c", "cancel_run", "Cancel run", id="migrate.cancel"),
+        Binding("e", "edit", "Edit options", id="migrate.edit"),
+        Binding("slash", "edit", "Edit options", show=False, key_display="/", id="migrate.edit_slash"),
         Binding("r", "runs", "Reload runs", id="migrate.runs"),
         Binding("o", "orphans", "Orphans", id="migrate.orphans"),
+        Binding("escape", "leave_form", "Back to runs", show=False, id="migrate.leave_form"),
     ]
 
     def __init__(self) -> None:
@@ -121,35 +172,78 @@ class MigrateScreen(Screen):
                 with Vertical(classes="field"):
                     yield Label(Text(label))
                     yield Input(value=default, id=f"migrate-{key}")
-        yield Static(Text("d: plan · s: start · p: pause/resume · c: cancel", style="dim"), id="migrate-plan")
-        yield ProgressBar(id="migrate-progress", show_eta=True)
+        yield Static(Text("e: edit options (Enter plans, Escape leaves) · d: plan · s: start · p: pause/resume · "
+                          "c: cancel · sizes: stored = in the database (compressed), uploaded = to S3 (raw)",
+                          style="dim"), id="migrate-plan")
+        # Hidden until a run reports progress: with no total a ProgressBar animates forever.
+        yield ProgressBar(id="migrate-progress", show_eta=False)
         yield Static(Text("no run in this session", style="dim"), id="migrate-stats")
         table = DataTable(id="migrate-runs", cursor_type="row", zebra_stripes=True)
-        for label in ("run", "started", "finished", "operator", "min size", "moved", "bytes", "skipped", "failed",
-                      "shards done"):
+        for label in ("run", "started", "finished", "operator", "min size", "moved", "uploaded (raw)", "skipped",
+                      "failed", "shards done"):
             table.add_column(label, key=label)
         yield table
 
     def on_mount(self) -> None:
+        self.query_one("#migrate-progress", ProgressBar).display = False
         self.action_runs()
+
+    # -- form focus -----------------------------------------------------------------------------
+
+    def action_edit(self) -> None:
+        self.query_one("#migrate-min_size", Input).focus()
+
+    def action_leave_form(self) -> None:
+        if isinstance(self.focused, Input):
+            self.query_one("#migrate-runs", DataTable).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if not (event.input.id or "").startswith("migrate-"):
+            return
+        event.stop()
+        try:
+            self.options()
+        except AtcError as exc:
+            self.notify(exc.message, severity="error", markup=False)
+            return
+        self.query_one("#migrate-runs", DataTable).focus()
+        self.action_plan()
 
     # -- options --------------------------------------------------------------------------------
 
     def options(self, reason: str = "") -> MigrationOptions:
+        """The form as MigrationOptions; AtcError naming the field that is wrong (empty included:
+        an empty min size must never mean "every log")."""
         values = {key: self.query_one(f"#migrate-{key}", Input).value.strip() for key, _, _ in FIELDS}
+
+        def size(key: str, label: str, example: str) -> int:
+            if not values[key]:
+                raise AtcError(f"{label}: enter a size, e.g. {example} (binary units, stored size)")
+            try:
+                return parse_size(values[key])
+            except ValueError:
+                raise AtcError(f"{label}: {values[key]!r} is not a size (use e.g. {example})") from None
+
+        min_size = size("min_size", "min size", "1MB")
+        max_bytes = size("max_bytes", "max bytes", "10GB") if values["max_bytes"] else None
         try:
-            min_size = parse_size(values["min_size"] or "0")
-            max_bytes = parse_size(values["max_bytes"]) if values["max_bytes"] else None
-        except ValueError as exc:
-            raise AtcError(str(exc)) from None
+            concurrency = int(values["concurrency"])
+        except ValueError:
+            raise AtcError(f"concurrency: {values['concurrency']!r} is not a whole number (e.g. 8)") from None
         try:
-            concurrency = int(values["concurrency"] or "8")
             assignments = tuple(int(x) for x in values["assignments"].replace(",", " ").split())
         except ValueError:
-            raise AtcError("concurrency and assignment ids must be whole numbers") from None
-        shard, count = parse_shard(values["shard"] or "1/1")
-        return MigrationOptions(min_size=min_size, assignment_ids=assignments, concurrency=concurrency, shard=shard,
-                                shard_count=count, max_bytes=max_bytes, reason=reason)
+            raise AtcError(f"assignment ids: {values['assignments']!r} must be whole numbers, e.g. 12, 15") from None
+        try:
+            shard, count = parse_shard(values["shard"])
+        except AtcError:
+            raise AtcError(f"shard K/N: {values['shard']!r} is not K/N with 1 <= K <= N (e.g. 1/1)") from None
+        try:
+            return MigrationOptions(min_size=min_size, assignment_ids=assignments, concurrency=concurrency,
+                                    shard=shard, shard_count=count, max_bytes=max_bytes, reason=reason)
+        except AtcError as exc:
+            raise AtcError(exc.message.replace("--min-size", "min size").replace("--concurrency", "concurrency")
+                           .replace("--max-bytes", "max bytes").replace("--shard", "shard")) from None
 
     # -- plan -----------------------------------------------------------------------------------
 
@@ -160,21 +254,28 @@ class MigrateScreen(Screen):
             self.notify(exc.message, severity="error", markup=False)
             return
         self.query_one("#migrate-plan", Static).update(Text("planning…", style="dim"))
-        self.run_plan(opts)
+        self.run_plan(opts, False)
 
     @work(thread=True, exclusive=True, group="migrate-plan", exit_on_error=False)
-    def run_plan(self, opts: MigrationOptions) -> None:
+    def run_plan(self, opts: MigrationOptions, then_start: bool) -> None:
         try:
             plan = plan_migration(self.app.db, opts)
         except AtcError as exc:
-            self.app.call_from_thread(self.notify, exc.message, severity="error", markup=False)
+            self.app.call_from_thread(self._plan_failed, exc.message)
             return
         self.app.call_from_thread(self._show_plan, plan, opts)
+        if then_start:
+            self.app.call_from_thread(self._ask_to_start, plan, opts)
+
+    def _plan_failed(self, message: str) -> None:
+        self.query_one("#migrate-plan", Static).update(Text(one_line(message, 300), style="red"))
+        self.notify(message, severity="error", markup=False)
 
     def _show_plan(self, plan: Plan, opts: MigrationOptions) -> None:
         self.plan = plan
-        text = Text(f"plan: {plan.movable_logs} logs ({human_bytes(plan.movable_bytes)} stored) would move from shard "
-                    f"{opts.shard}/{opts.shard_count}; {plan.logs - plan.movable_logs} above the size are still running",
+        text = Text(f"plan: {plan.movable_logs:,} logs would move from shard {opts.shard}/{opts.shard_count}, "
+                    f"{human_bytes(plan.movable_bytes)} stored in the database (compressed); "
+                    f"{plan.logs - plan.movable_logs:,} at or above {human_bytes(opts.min_size)} are still running",
                     style="bold")
         if plan.capped_by_max_bytes:
             text.append(" · capped by max bytes")
@@ -183,6 +284,7 @@ class MigrateScreen(Screen):
     # -- start / pause / cancel -----------------------------------------------------------------
 
     def action_start(self) -> None:
+        """Plan with the form's options, then reason and confirmation stating that plan."""
         if self.running:
             self.notify("a migration is already running here (p pauses, c cancels)", severity="warning", markup=False)
             return
@@ -191,13 +293,19 @@ class MigrateScreen(Screen):
         except AtcError as exc:
             self.notify(exc.message, severity="error", markup=False)
             return
-        lines = [f"logs of finished steps stored at {human_bytes(opts.min_size)} or more",
-                 f"shard {opts.shard}/{opts.shard_count}, {opts.concurrency} at a time",
-                 f"to s3://{self.app.store.bucket}/{self.app.settings.s3.prefix}"]
-        if opts.assignment_ids:
-            lines.append("assignments " + ", ".join(map(str, opts.assignment_ids)))
-        if self.plan is not None:
-            lines.append(f"last plan: {self.plan.movable_logs} logs, {human_bytes(self.plan.movable_bytes)}")
+        self.query_one("#migrate-plan", Static).update(Text("planning…", style="dim"))
+        self.run_plan(opts, True)
+
+    def _ask_to_start(self, plan: Plan, opts: MigrationOptions) -> None:
+        if self.running:
+            return
+        if not plan.movable_logs:
+            self.notify(f"nothing to move: no finished log stored at {human_bytes(opts.min_size)} or more in shard "
+                        f"{opts.shard}/{opts.shard_count}", severity="warning", markup=False)
+            return
+        lines = plan_lines(plan, opts, self.app.store.bucket, self.app.settings.s3.prefix)
+        title = (f"Move {plan.movable_logs:,} logs ({human_bytes(plan.movable_bytes)} stored in the database) "
+                 "to S3?")
 
         def got_reason(reason: str | None) -> None:
             if reason is None:
@@ -205,15 +313,16 @@ class MigrateScreen(Screen):
 
             def confirmed(ok: bool | None) -> None:
                 if ok:
-                    self._start(self.options(reason))
+                    self._start(replace(opts, reason=reason))
 
-            self.app.push_screen(ConfirmModal("Move these logs to S3?", lines, confirm_label="Move"), confirmed)
+            self.app.push_screen(MoveConfirmModal(title, lines, plan.movable_logs), confirmed)
 
-        self.app.push_screen(ReasonModal("Migrate logs to S3", lines=lines), got_reason)
+        self.app.push_screen(ReasonModal(f"Migrate {plan.movable_logs:,} logs to S3", lines=lines), got_reason)
 
     def _start(self, opts: MigrationOptions) -> None:
         self.control = MigrationControl()
         self.running = True
+        self.stats = None
         self.query_one("#migrate-stats", Static).update(Text("starting…", style="dim"))
         self.run_migration(opts, self.control)
 
@@ -235,26 +344,20 @@ class MigrateScreen(Screen):
 
     def _paint(self, stats: MigrationStats) -> None:
         self.stats = stats
-        if self.control is not None and self.control.paused and stats.state == "running":
-            shown_state = "paused"
-        else:
-            shown_state = stats.state
         bar = self.query_one("#migrate-progress", ProgressBar)
-        bar.update(total=max(stats.planned_bytes, 1), progress=min(stats.done_stored_bytes, max(stats.planned_bytes, 1)))
-        original = stats.state
-        stats.state = shown_state
-        try:
-            self.query_one("#migrate-stats", Static).update(stats_text(stats))
-        finally:
-            stats.state = original
+        total = max(stats.planned_bytes, 1)
+        bar.update(total=total, progress=min(stats.done_stored_bytes, total))
+        bar.display = True
+        self.query_one("#migrate-stats", Static).update(stats_text(stats))
 
     def _finished(self, stats: MigrationStats | None, error: str | None) -> None:
         self.running = False
         if stats is not None:
             self._paint(stats)
             severity = "information" if stats.state == "finished" and not stats.failed else "warning"
-            self.notify(f"migration {stats.state}: moved {stats.moved_logs} logs, skipped {stats.skipped}, "
-                        f"failed {stats.failed}", severity=severity, markup=False)
+            self.notify(f"migration {stats.state}: moved {stats.moved_logs:,} logs "
+                        f"({human_bytes(stats.moved_stored_bytes)} stored, {human_bytes(stats.moved_bytes)} uploaded), "
+                        f"skipped {stats.skipped}, failed {stats.failed}", severity=severity, markup=False)
         if error is not None:
             text = Text("stopped: ", style="bold red")
             text.append(one_line(error, 300))
@@ -335,7 +438,7 @@ class OrphansScreen(Screen):
     CSS_PATH = "migrate.tcss"
     AUTO_FOCUS = "#orphans-table"
     BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back", id="orphans.back"),
+        Binding("escape", "back", "Back", id="orphans.back"),
         Binding("r", "scan", "Rescan", id="orphans.scan"),
         Binding("x", "clean", "Clean…", id="orphans.clean"),
     ]
@@ -358,6 +461,17 @@ class OrphansScreen(Screen):
 
     def on_mount(self) -> None:
         self.action_scan()
+
+    def action_back(self) -> None:
+        """Escape leaves the age box first (back to the table), then the view."""
+        if isinstance(self.focused, Input):
+            self.query_one("#orphans-table", DataTable).focus()
+        else:
+            self.app.pop_screen()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.query_one("#orphans-table", DataTable).focus()
 
     def action_scan(self) -> None:
         self.query_one("#orphans-summary", Static).update(Text("scanning…", style="dim"))

@@ -3,7 +3,13 @@ a size histogram and how much sits above a threshold typed in.
 
 All figures come from ``console.sizes`` (catalog sizes and ``pg_column_size``: no log body is
 read), computed in a thread worker on the browse database. The "as of" line says when and how
-(exact or sampled) they were computed; ``r`` recomputes, Enter in the threshold box recounts.
+(exact or sampled) they were computed; ``r`` recomputes.
+
+Focus starts on the tabs, so the section keys (1-9) and ``r`` work on arrival. ``t`` (or ``/``)
+goes to the threshold box, Enter there recounts and goes back, Escape goes back unchanged.
+
+Units: database figures are *stored* sizes (``pg_column_size``: compressed, what the log costs in
+PostgreSQL); S3 figures are the raw bytes of the moved logs. Both in binary units (KiB, MiB).
 """
 
 from __future__ import annotations
@@ -42,9 +48,9 @@ def histogram_text(report: SizeReport) -> Text:
         text.append("█" * db_len, style="cyan")
         text.append("█" * s3_len, style="magenta")
         text.append(f" {h['db_logs']} db / {h['s3_logs']} s3\n")
-    text.append("█ database", style="cyan")
+    text.append("█ database (by stored size, compressed)", style="cyan")
     text.append("  ")
-    text.append("█ S3", style="magenta")
+    text.append("█ S3 (by uploaded size, raw)", style="magenta")
     return text
 
 
@@ -52,9 +58,13 @@ class SizesScreen(Screen):
     """Where the log bytes are."""
 
     CSS_PATH = "sizes.tcss"
-    AUTO_FOCUS = "#sizes-threshold"
+    # The content, never the threshold box: typed section keys must switch sections.
+    AUTO_FOCUS = "#sizes-tabs Tabs"
     BINDINGS = [
         Binding("r", "reload", "Recompute", id="sizes.reload"),
+        Binding("t", "edit_threshold", "Threshold", id="sizes.threshold"),
+        Binding("slash", "edit_threshold", "Threshold", show=False, key_display="/", id="sizes.threshold_slash"),
+        Binding("escape", "leave_input", "Back to tabs", show=False, id="sizes.leave_input"),
     ]
 
     def __init__(self) -> None:
@@ -67,7 +77,7 @@ class SizesScreen(Screen):
         yield Static(Text("Log sizes — where the bytes are (no log body is read)", style="bold"), classes="screen-title")
         with Horizontal(id="sizes-bar"):
             yield Label(Text("threshold "))
-            yield Input(value="1MB", placeholder="e.g. 512k, 10MB", id="sizes-threshold")
+            yield Input(value="1MB", placeholder="e.g. 512k, 10MB — Enter applies", id="sizes-threshold")
             yield Static(Text("computing…", style="dim"), id="sizes-asof")
         yield Static(Text(""), id="sizes-totals")
         with TabbedContent(id="sizes-tabs"):
@@ -77,11 +87,13 @@ class SizesScreen(Screen):
             with TabPane("Tables", id="tab-tables"):
                 yield self._table("sizes-tables", ("table", "heap", "TOAST", "indexes", "rows~"))
             with TabPane("Largest", id="tab-largest"):
-                yield self._table("sizes-largest", ("step result", "state", "size", "where"))
+                yield self._table("sizes-largest", ("step result", "state", "size (stored or raw)", "where"))
             with TabPane("Assignments", id="tab-assignments"):
-                yield self._table("sizes-assignments", ("id", "assignment", "db logs", "db bytes", "s3 logs", "s3 bytes"))
+                yield self._table("sizes-assignments", ("id", "assignment", "db logs", "db stored (compressed)",
+                                                        "s3 logs", "s3 uploaded (raw)"))
             with TabPane("Runs", id="tab-runs"):
-                yield self._table("sizes-runs", ("run", "assignment", "db logs", "db bytes", "s3 logs", "s3 bytes"))
+                yield self._table("sizes-runs", ("run", "assignment", "db logs", "db stored (compressed)", "s3 logs",
+                                                 "s3 uploaded (raw)"))
 
     @staticmethod
     def _table(table_id: str, labels: tuple[str, ...]) -> DataTable:
@@ -97,13 +109,27 @@ class SizesScreen(Screen):
         self.query_one("#sizes-asof", Static).update(Text("computing…", style="dim"))
         self.load(self.threshold)
 
+    def focus_content(self) -> None:
+        self.query_one("#sizes-tabs Tabs").focus()
+
+    def action_edit_threshold(self) -> None:
+        self.query_one("#sizes-threshold", Input).focus()
+
+    def action_leave_input(self) -> None:
+        if isinstance(self.focused, Input):
+            self.focus_content()
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
+        if not event.value.strip():
+            self.notify("threshold: enter a size, e.g. 512k or 10MB", severity="error", markup=False)
+            return
         try:
             self.threshold = parse_size(event.value)
         except ValueError as exc:
-            self.notify(str(exc), severity="error", markup=False)
+            self.notify(f"threshold: {exc}", severity="error", markup=False)
             return
+        self.focus_content()
         if self.report is None:
             self.action_reload()
         else:
@@ -150,11 +176,12 @@ class SizesScreen(Screen):
         report = self.report
         text = Text()
         if report is not None:
-            text.append(f"database: {report.db_logs} logs, {human_bytes(report.db_bytes)} stored · "
-                        f"S3: {report.s3_logs} logs, {human_bytes(report.s3_bytes)} · S3 share {report.s3_share:.1%}\n")
-        text.append(f"at or above {human_bytes(threshold)}: {counts['logs']} logs, {human_bytes(counts['bytes'])}; "
-                    f"movable now (finished): {counts['movable_logs']} logs, {human_bytes(counts['movable_bytes'])}",
-                    style="bold")
+            text.append(f"database: {report.db_logs:,} logs, {human_bytes(report.db_bytes)} stored (compressed) · "
+                        f"S3: {report.s3_logs:,} logs, {human_bytes(report.s3_bytes)} uploaded (raw) · "
+                        f"S3 share {report.s3_share:.1%}\n")
+        text.append(f"stored at or above {human_bytes(threshold)}: {counts['logs']:,} logs, "
+                    f"{human_bytes(counts['bytes'])} stored (compressed); movable now (finished): "
+                    f"{counts['movable_logs']:,} logs, {human_bytes(counts['movable_bytes'])} stored", style="bold")
         for note in (report.notes if report else []):
             text.append(f"\nnote: {note}", style="dim")
         self.query_one("#sizes-totals", Static).update(text)

@@ -136,7 +136,7 @@ def write_config(settings: Settings, path: Path) -> Path:
     def emit(obj: Any, prefix: str) -> list[str]:
         scalars, tables = [], []
         for f in fields(obj):
-            if f.name == "source":
+            if not f.compare:  # source, read_only_origin: not TOML keys
                 continue
             value = getattr(obj, f.name)
             if is_dataclass(value):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from dataclasses import replace
 
@@ -236,3 +237,68 @@ def test_sha_of_expected_matches_pointer(world):
     sid = min(expected)
     migrate_logs(settings, db, store, MigrationOptions(min_size=0, **SMALL_PARTS))
     assert placement(settings, sid)["sha256"] == hashlib.sha256(expected[sid]).hexdigest()
+
+
+def test_cli_refuses_unknown_assignment_and_empty_size_and_labels_units(empty_db, tmp_path):
+    import random
+
+    # Incompressible, so the stored size is above 1k.
+    seed_world(empty_db, [json.dumps({"stdout": random.Random(3).randbytes(3000).hex()}).encode()])
+    config = write_config(empty_db, tmp_path / "atc.toml")
+    for args in (("--dry-run",), ("--json",)):
+        missing = run_cli(config, "migrate-logs", "--min-size", "0", "--assignment", "99999", *args)
+        assert missing.returncode == 2, missing.stdout
+        assert "99999" in missing.stderr and "assignment" in missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1 and missing.stdout == ""
+    empty = run_cli(config, "migrate-logs", "--min-size", "", "--dry-run")
+    assert empty.returncode == 2 and "min-size" in empty.stderr
+    dry = run_cli(config, "migrate-logs", "--min-size", "1k", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would move 1 logs" in dry.stdout and "stored in the database (compressed)" in dry.stdout
+    db = Database(empty_db)
+    try:
+        assert db.fetch_one("SELECT count(*) AS n FROM atc.migration_run")["n"] == 0  # no run opened for a bad id
+    finally:
+        db.close()
+
+
+def test_progress_columns_use_binary_units_and_say_stored_or_uploaded():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from console.commands.migrate import _bar_columns
+    from console.migrate import MigrationStats
+
+    out = io.StringIO()
+    progress = Progress(*_bar_columns(), console=Console(file=out, width=300, force_terminal=False))
+    stats = MigrationStats(moved_bytes=3 * 1024 * 1024)
+    progress.add_task("run 1 shard 1/1", total=10 * 1024 * 1024, completed=5 * 1024 * 1024, counts="moved 1/2 logs",
+                      stats=stats)
+    progress.console.print(progress.make_tasks_table(progress.tasks))
+    line = out.getvalue()
+    assert "5.0 MiB/10.0 MiB stored in DB (compressed)" in line
+    assert re.search(r"3\.0 MiB uploaded \(raw\) at [\d.]+ (B|KiB|MiB|GiB)/s", line), line
+    assert " MB" not in line and "kB" not in line
+
+
+def test_paused_time_does_not_count_in_elapsed_rate_and_eta():
+    import time
+
+    from console.migrate import MigrationStats
+
+    control = MigrationControl()
+    stats = MigrationStats(planned_bytes=2000, done_stored_bytes=1000, moved_bytes=1000, state="running",
+                           control=control)
+    stats.started_at -= 1.0
+    control.pause()
+    assert stats.paused and stats.snapshot()["paused"] is True
+    eta, elapsed, rate = stats.eta, stats.elapsed, stats.rate
+    time.sleep(0.3)
+    assert abs(stats.eta - eta) < 0.05 and abs(stats.elapsed - elapsed) < 0.05 and abs(stats.rate - rate) < 30
+    control.resume()
+    assert not stats.paused
+    time.sleep(0.1)
+    assert stats.elapsed > elapsed + 0.05  # the clock runs again, without the 0.3 s pause
+    assert stats.elapsed < elapsed + 0.3

@@ -44,16 +44,118 @@ async def test_sizes_screen_shows_histogram_and_recounts_threshold(empty_db):
         assert "as of" in _text(app, "#sizes-asof") and "exact" in _text(app, "#sizes-asof")
         histogram = _text(app, "#sizes-histogram")
         assert "db / 0 s3" in histogram and "█" in histogram
+        totals = _text(app, "#sizes-totals")
+        assert "stored (compressed)" in totals and "uploaded (raw)" in totals
         threshold = app.screen.query_one("#sizes-threshold", Input)
+        await pilot.press("t")
+        assert app.focused is threshold
         threshold.value = "2k"
-        threshold.focus()
         await pilot.press("enter")
         await wait_until(pilot, lambda: "at or above 2.0 KiB: " in _text(app, "#sizes-totals"), what="recount")
-        assert "at or above 2.0 KiB: 3 logs" in _text(app, "#sizes-totals")
+        assert "stored at or above 2.0 KiB: 3 logs" in _text(app, "#sizes-totals")
+        assert not isinstance(app.focused, Input), "Enter applies and gives the keys back"
+        await pilot.press("slash")
+        assert app.focused is threshold
         threshold.value = "lots"
         await pilot.press("enter")
         await pilot.pause(0.1)
-        assert any("not a size" in str(n.message) for n in app._notifications)
+        assert any("threshold" in str(n.message) and "not a size" in str(n.message) for n in app._notifications)
+        threshold.value = ""
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert any(str(n.message).startswith("threshold: enter a size") for n in app._notifications)
+        await pilot.press("escape")
+        assert not isinstance(app.focused, Input)
+
+
+def _footer_descriptions(app) -> set[str]:
+    from textual.widgets._footer import FooterKey
+
+    return {k.description for k in app.screen.query(FooterKey)}
+
+
+async def test_sizes_and_migrate_do_not_trap_the_keyboard(empty_db):
+    """Arriving on sections 4 and 5 the content has focus: 1-9 switch sections, the footer shows
+    the screen's keys; t / e enter a field, Escape leaves it."""
+    seed_world(empty_db, [json.dumps({"stdout": "x" * 3000}).encode()])
+    app = AtcApp(empty_db, start_mode="sizes")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: getattr(app.screen, "loads", 0) >= 1, what="sizes loaded")
+        assert not isinstance(app.focused, Input)
+        assert "Recompute" in _footer_descriptions(app) and "Threshold" in _footer_descriptions(app)
+        await pilot.press("5")
+        await wait_until(pilot, lambda: app.current_mode == "migrate", what="switched to migrate")
+        assert app.screen.query_one("#migrate-min_size", Input).value == "1MB"
+        assert not isinstance(app.focused, Input)
+        await wait_until(pilot, lambda: "Plan (dry run)" in _footer_descriptions(app), what="migrate footer")
+        # No run yet: the progress bar is not shown (an empty ProgressBar animates forever).
+        assert not app.screen.query_one("#migrate-progress", ProgressBar).display
+        await pilot.press("e")
+        assert app.focused is app.screen.query_one("#migrate-min_size", Input)
+        await pilot.press("escape")
+        assert not isinstance(app.focused, Input)
+        await pilot.press("4")
+        await wait_until(pilot, lambda: app.current_mode == "sizes", what="back to sizes")
+        assert not isinstance(app.focused, Input)
+        await pilot.press("t")
+        assert isinstance(app.focused, Input)
+        await pilot.press("escape")
+        assert not isinstance(app.focused, Input)
+        await pilot.press("5")
+        await wait_until(pilot, lambda: app.current_mode == "migrate", what="switched again")
+
+
+async def test_migrate_form_refuses_empty_or_invalid_sizes(empty_db):
+    """An empty min size must never mean "move every log": error naming the field, nothing starts."""
+    ids = seed_world(empty_db, [json.dumps({"stdout": "x" * 3000}).encode() for _ in range(3)])
+    app = AtcApp(empty_db, start_mode="migrate")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.focused is not None, what="screen mounted")
+        screen = app.screen
+        box = screen.query_one("#migrate-min_size", Input)
+        for value, expected in (("", "min size: enter a size"), ("lots", "min size: 'lots' is not a size")):
+            box.value = value
+            app.clear_notifications()
+            for key in ("s", "d"):
+                app.clear_notifications()
+                await pilot.press(key)
+                await wait_until(pilot, lambda: any(str(n.message).startswith(expected) and n.severity == "error"
+                                                    for n in app._notifications), timeout=5, what=f"{key}: {expected}")
+                await pilot.pause(0.2)
+                assert not isinstance(app.screen, (ReasonModal, ConfirmModal))
+                assert "planning" not in _text(app, "#migrate-plan")
+            # Enter in the field validates too.
+            app.clear_notifications()
+            await pilot.press("e", "enter")
+            await wait_until(pilot, lambda: any(str(n.message).startswith(expected) for n in app._notifications),
+                             timeout=5, what="enter validates")
+            assert app.focused is box
+            await pilot.press("escape")
+            assert app.focused is not box
+        box.value = "1k"
+        for key, value, expected in (("concurrency", "", "concurrency:"), ("shard", "3/2", "shard K/N:"),
+                                     ("max_bytes", "x", "max bytes:"), ("assignments", "a,b", "assignment ids:")):
+            field = screen.query_one(f"#migrate-{key}", Input)
+            old, field.value = field.value, value
+            app.clear_notifications()
+            await pilot.press("s")
+            await wait_until(pilot, lambda: any(str(n.message).startswith(expected) for n in app._notifications),
+                             timeout=5, what=key)
+            field.value = old
+        # An assignment that does not exist: the plan fails with its id, nothing starts.
+        screen.query_one("#migrate-assignments", Input).value = "99999"
+        app.clear_notifications()
+        await pilot.press("s")
+        await wait_until(pilot, lambda: any("99999" in str(n.message) for n in app._notifications), what="not found")
+        assert not isinstance(app.screen, (ReasonModal, ConfirmModal)) and not screen.running
+    db = Database(empty_db)
+    try:
+        assert db.fetch_one("SELECT count(*) AS n FROM atc.moved_log")["n"] == 0
+        assert db.fetch_one("SELECT count(*) AS n FROM atc.migration_run")["n"] == 0
+        assert db.fetch_one("SELECT count(*) AS n FROM auto_test_step_result WHERE id = ANY(%s) AND log IS NOT NULL",
+                            (ids,))["n"] == 3
+    finally:
+        db.close()
 
 
 async def test_migrate_screen_plan_start_pause_cancel_resume(empty_db):
@@ -92,19 +194,36 @@ async def _drive_migration(app, expected):
         await pilot.press("d")
         await wait_until(pilot, lambda: "plan: 30 logs" in _text(app, "#migrate-plan"), what="plan")
 
+        assert "stored in the database (compressed)" in _text(app, "#migrate-plan")
+        bar = screen.query_one("#migrate-progress", ProgressBar)
+        assert not bar.display and not bar.show_eta  # no run: no animation; one ETA, in the stats
+
         await pilot.press("s")
         await wait_until(pilot, lambda: isinstance(app.screen, ReasonModal), what="reason modal")
         await pilot.press(*"INC-1 test")
         await pilot.press("enter")
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="confirm modal")
+        confirm_text = " ".join([app.screen.title_text, *app.screen.lines,
+                                 *(str(w.render()) for w in app.screen.query(Static))])
+        assert app.screen.title_text.startswith("Move 30 logs (")
+        assert "30 logs of finished steps" in confirm_text and "stored in the database (compressed)" in confirm_text
+        assert "item(s)" not in confirm_text
         await pilot.press("y")
         await wait_until(pilot, lambda: screen.stats is not None and screen.stats.moved_logs >= 2, what="progress")
+        assert bar.display
         await pilot.press("p")
         await pilot.pause(1.0)
         paused_at = screen.stats.moved_logs
+        eta_paused, elapsed_paused = screen.stats.eta, screen.stats.elapsed
         await pilot.pause(1.0)
         assert screen.stats.moved_logs <= paused_at + 1, "pause must stop new logs from starting"
-        assert "paused" in _text(app, "#migrate-stats")
+        stats_shown = _text(app, "#migrate-stats")
+        assert "paused" in stats_shown and "ETA paused" in stats_shown and stats_shown.count("ETA") == 1
+        assert "uploaded to S3 (raw)" in stats_shown and "stored in the database (compressed)" in stats_shown
+        # Paused time does not count: the ETA and elapsed stand still (1 s went by).
+        if screen.stats.moved_logs == paused_at:
+            assert abs(screen.stats.elapsed - elapsed_paused) < 0.2
+            assert eta_paused is None or abs(screen.stats.eta - eta_paused) < 0.5
         await pilot.press("c")
         await wait_until(pilot, lambda: not screen.running, what="cancelled")
         assert "cancelled" in _text(app, "#migrate-stats")

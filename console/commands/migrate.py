@@ -81,21 +81,21 @@ def cmd_sizes(ctx: Context, args: argparse.Namespace) -> int:
     print_table(report.tables, [("table_name", "table"), ("heap_bytes", "heap"), ("toast_bytes", "TOAST"),
                                 ("index_bytes", "indexes"), ("estimated_rows", "rows~")],
                 formatters={k: hb for k in ("heap_bytes", "toast_bytes", "index_bytes")}, title="Tables")
-    print(f"\nlogs in the database: {report.db_logs} ({hb(report.db_bytes)} stored); in S3: {report.s3_logs} "
-          f"({hb(report.s3_bytes)}); S3 share {report.s3_share:.1%}")
+    print(f"\nlogs in the database: {report.db_logs:,} ({hb(report.db_bytes)} stored, compressed); in S3: "
+          f"{report.s3_logs:,} ({hb(report.s3_bytes)} uploaded, raw); S3 share {report.s3_share:.1%}")
     a = report.above_threshold
-    print(f"at or above {hb(report.threshold)}: {a['logs']} logs, {hb(a['bytes'])}; movable now (finished): "
-          f"{a['movable_logs']} logs, {hb(a['movable_bytes'])}\n")
+    print(f"stored at or above {hb(report.threshold)}: {a['logs']:,} logs, {hb(a['bytes'])} stored; movable now "
+          f"(finished): {a['movable_logs']:,} logs, {hb(a['movable_bytes'])} stored\n")
     print_table(report.histogram, [("from_bytes", "from"), ("to_bytes", "below"), ("db_logs", "db logs"),
-                                   ("db_bytes", "db bytes"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 bytes")],
+                                   ("db_bytes", "db stored (compressed)"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 uploaded (raw)")],
                 formatters={k: hb for k in ("from_bytes", "to_bytes", "db_bytes", "s3_bytes")}, title="Histogram")
     print_table(report.largest, [("id", "step result"), ("state", "state"), ("bytes", "size"), ("location", "where")],
                 formatters={"bytes": hb}, title="Largest logs")
     print_table(report.by_assignment, [("assignment_id", "id"), ("assignment", "assignment"), ("db_logs", "db logs"),
-                                       ("db_bytes", "db bytes"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 bytes")],
+                                       ("db_bytes", "db stored (compressed)"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 uploaded (raw)")],
                 formatters={"db_bytes": hb, "s3_bytes": hb}, title="Per assignment")
     print_table(report.by_run, [("run_id", "run"), ("assignment_id", "assignment"), ("db_logs", "db logs"),
-                                ("db_bytes", "db bytes"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 bytes")],
+                                ("db_bytes", "db stored (compressed)"), ("s3_logs", "s3 logs"), ("s3_bytes", "s3 uploaded (raw)")],
                 formatters={"db_bytes": hb, "s3_bytes": hb}, title="Per run")
     for note in report.notes:
         print(f"note: {note}")
@@ -125,11 +125,13 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         if ctx.json_output:
             print_json(data)
         else:
-            print(f"would move {plan.movable_logs} logs ({human_bytes(plan.movable_bytes)} stored) of shard "
-                  f"{opts.shard}/{opts.shard_count}; {plan.logs - plan.movable_logs} above the size are not finished"
+            print(f"would move {plan.movable_logs:,} logs of shard {opts.shard}/{opts.shard_count}, "
+                  f"{human_bytes(plan.movable_bytes)} stored in the database (compressed); "
+                  f"{plan.logs - plan.movable_logs:,} at or above {human_bytes(opts.min_size)} are not finished"
                   + ("; capped by --max-bytes" if plan.capped_by_max_bytes else ""))
             print_table([{"state": k, **v} for k, v in sorted(plan.by_state.items())],
-                        [("state", "state"), ("logs", "logs"), ("bytes", "stored")], formatters={"bytes": human_bytes})
+                        [("state", "state"), ("logs", "logs"), ("bytes", "stored in DB (compressed)")],
+                        formatters={"bytes": human_bytes})
         return 0
 
     show_bar = not args.no_progress and sys.stderr.isatty()
@@ -145,9 +147,10 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
         print_json(data)
     else:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.skipped_reasons.items())) or "none"
-        print(f"run {stats.run_id} shard {stats.shard} {stats.state}: moved {stats.moved_logs} logs "
-              f"({human_bytes(stats.moved_bytes)}) in {human_duration(stats.elapsed)} at {human_bytes(stats.rate)}/s; "
-              f"skipped {stats.skipped} ({reasons}); failed {stats.failed}")
+        print(f"run {stats.run_id} shard {stats.shard} {stats.state}: moved {stats.moved_logs:,} logs "
+              f"({human_bytes(stats.moved_stored_bytes)} stored in the database (compressed), "
+              f"{human_bytes(stats.moved_bytes)} uploaded (raw)) in {human_duration(stats.elapsed)} at "
+              f"{human_bytes(stats.rate)}/s uploaded; skipped {stats.skipped} ({reasons}); failed {stats.failed}")
         for f in stats.failures[:10]:
             print(f"  failed {f['id']}: {f['error']}")
     if stats.state == "cancelled":
@@ -155,28 +158,48 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     return 1 if stats.failed else 0
 
 
+def _bar_columns() -> list[Any]:
+    """Rich progress columns, all in binary units (KiB/MiB, as --min-size and every other atc
+    figure). The bar counts *stored* bytes (pg_column_size, compressed) dealt with, as the plan
+    does; the upload figures are raw bytes written to S3. Rich's DownloadColumn and
+    TransferSpeedColumn would mix decimal units and stored/raw bytes, so these are our own."""
+    from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class StoredColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{human_bytes(task.completed)}/{human_bytes(task.total)} stored in DB (compressed)")
+
+    class UploadedColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            stats = task.fields.get("stats")
+            if stats is None:
+                return Text("")
+            return Text(f"{human_bytes(stats.moved_bytes)} uploaded (raw) at {human_bytes(stats.rate)}/s")
+
+    return [TextColumn("{task.description}", markup=False), BarColumn(), StoredColumn(), UploadedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[counts]}", markup=False)]
+
+
 class _Bar:
-    """Rich progress on stderr: stored bytes dealt with, logs moved, rate, ETA, skipped, failed."""
+    """Rich progress on stderr: stored bytes dealt with, raw bytes uploaded, rate, ETA, counts."""
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import Progress
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(),
-                                  TextColumn("{task.fields[counts]}"),
-                                  console=Console(stderr=True, markup=False, highlight=False), transient=False)
+        self._progress = Progress(*_bar_columns(), console=Console(stderr=True, markup=False, highlight=False),
+                                  transient=False)
         self._task = None
         self._progress.start()
 
     def update(self, stats: Any) -> None:
-        counts = f"moved {stats.moved_logs}/{stats.planned_logs}  skipped {stats.skipped}  failed {stats.failed}"
+        counts = f"moved {stats.moved_logs:,}/{stats.planned_logs:,} logs  skipped {stats.skipped}  failed {stats.failed}"
         if self._task is None:
             self._task = self._progress.add_task(f"run {stats.run_id} shard {stats.shard}",
-                                                 total=max(stats.planned_bytes, 1), counts=counts)
+                                                 total=max(stats.planned_bytes, 1), counts=counts, stats=stats)
         self._progress.update(self._task, completed=min(stats.done_stored_bytes, max(stats.planned_bytes, 1)),
-                              counts=counts)
+                              counts=counts, stats=stats)
 
     def close(self) -> None:
         self._progress.stop()
