@@ -16,7 +16,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Input, Static
 
 from console import browse
@@ -56,10 +56,24 @@ def bytes_cell(value: int | None, unknown: str = "-") -> Text:
 
 
 def age(value: datetime | None) -> str:
+    """How long ago ``value`` was, to the minute ("<1m", "4m", "2h05m", "3d02h")."""
     if value is None:
         return "-"
-    seconds = (datetime.now(timezone.utc) - value).total_seconds()
-    return "now" if seconds < 60 else human_duration(seconds) + " ago"
+    seconds = max(0.0, (datetime.now(timezone.utc) - value).total_seconds())
+    if seconds < 60:
+        return "<1m"
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    return human_duration(seconds)
+
+
+# Caps (ellipsis) of the free-text columns of the assignments list.
+NAME_WIDTH = 22
+COURSE_WIDTH = 14
+
+# How often the "Logs age" column is rendered again (it is an age: it grows while on screen).
+AGE_TICK_SECONDS = 15.0
 
 
 def parse_filter(text: str, states: tuple[str, ...]) -> tuple[str | None, str | None]:
@@ -101,6 +115,9 @@ class ListScreen(Screen):
         self.token: browse.QueryToken | None = None
         self.loading_direction: str | None = None
         self.header_row: dict[str, Any] | None = None
+        self.applied_filter = ""  # the filter text in force (Escape in the box goes back to it)
+        self.loaded_at: datetime | None = None  # when the list on screen was read
+        self._reload_on_resume = False
 
     # -- to fill in by subclasses --------------------------------------------------------------
 
@@ -140,7 +157,13 @@ class ListScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#filter", Input).display = False
         self.table.focus()
+        self.set_interval(AGE_TICK_SECONDS, self.tick_ages)
         self.reload()
+
+    def tick_ages(self) -> None:
+        """Ages on screen grow with time: render them again (no query)."""
+        if self.token is None and self.is_mounted:
+            self.update_summary()
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -182,6 +205,7 @@ class ListScreen(Screen):
                 self.header_row = header
                 self.query_one("#title", Static).update(self.title_text())
             table.load_first(page.rows, page.next_after)
+            self.loaded_at = datetime.now(timezone.utc)
         elif direction == "after":
             table.append_page(page.rows, page.next_after)
         else:
@@ -206,7 +230,9 @@ class ListScreen(Screen):
             self.notify("query cancelled", markup=False)
             return
         self.app.note_error(exc) if hasattr(self.app, "note_error") else self.notify(exc.message, severity="error", markup=False)
-        if direction == "first" and self.header_row is None and exc.__class__.__name__ == "NotFound":
+        # A screen opened for an id that does not exist (or cannot: out of range) must not stay in
+        # the back stack as a dead page: it goes away, the notification says why.
+        if direction == "first" and self.header_row is None and type(self).fetch_header is not ListScreen.fetch_header:
             self.dismiss_if_possible()
 
     def cancel_loading(self) -> bool:
@@ -242,6 +268,8 @@ class ListScreen(Screen):
         if table.before_key is not None:
             text.append(", more above", style="dim")
         text.append(f" · sort: {browse.SORTS[self.kind][self.sort].label}", style="dim")
+        if self.loaded_at is not None:
+            text.append(f" · read {age(self.loaded_at)} ago (r reloads)", style="dim")
         if self.state_filter or self.search:
             text.append(" · filter: ", style="dim")
             text.append(one_line(" ".join(x for x in (f"state:{self.state_filter}" if self.state_filter else "",
@@ -259,11 +287,22 @@ class ListScreen(Screen):
 
     # -- actions -----------------------------------------------------------------------------
 
+    # -- coming back ------------------------------------------------------------------------------
+
+    def on_screen_suspend(self) -> None:
+        # Covered by a drill-down or another section (not by a modal such as help): the counts on
+        # this list are re-read when the operator comes back, so they are never older than the view.
+        self._reload_on_resume = not isinstance(self.app.screen, ModalScreen)
+
+    def on_screen_resume(self) -> None:
+        if self._reload_on_resume and self.loaded_at is not None and self.token is None:
+            self._reload_on_resume = False
+            self.reload()
+
     def action_back_or_cancel(self) -> None:
         filter_input = self.query_one("#filter", Input)
         if filter_input.has_focus:
-            filter_input.display = False
-            self.table.focus()
+            self.close_filter(filter_input)
             return
         if self.cancel_loading():
             return
@@ -282,10 +321,29 @@ class ListScreen(Screen):
         filter_input.display = True
         filter_input.focus()
 
+    def close_filter(self, filter_input: Input) -> None:
+        """Escape in the filter box: an unapplied edit is dropped (the applied filter stays), but an
+        emptied box means "no filter" and clears it."""
+        filter_input.display = False
+        self.table.focus()
+        if not filter_input.value.strip() and self.applied_filter:
+            self.apply_filter("")
+        else:
+            filter_input.value = self.applied_filter
+
+    def apply_filter(self, value: str) -> None:
+        self.applied_filter = value.strip()
+        self.state_filter, self.search = parse_filter(value, self.states)
+        # The loading overlay can take focus back to the input; give it to the table once loaded.
+        self._focus_table_when_loaded = True
+        self.table.focus()
+        self.reload()
+
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "filter":
             return
         event.stop()
+        self.applied_filter = event.value.strip()
         self.state_filter, self.search = parse_filter(event.value, self.states)
         if not event.value.strip():
             event.input.display = False
@@ -317,6 +375,8 @@ class AssignmentsScreen(PauseActions, ListScreen):
 
     Mark rows with m, pause them with p, resume with u (screens.broker.PauseActions)."""
 
+    help_title = "Assignments"
+
     BINDINGS = PAUSE_BINDINGS
 
     kind = "assignments"
@@ -327,21 +387,30 @@ class AssignmentsScreen(PauseActions, ListScreen):
         return Text("Assignments", style="bold")
 
     def columns(self) -> list[ColumnSpec]:
+        # Name and Course are capped (ellipsis; the row detail below shows the full name) and the
+        # columns after them have fixed widths, so Paused and Logs stay on screen from 120 columns
+        # on; the results-by-state column, the only one that grows with the data, comes last.
         return [
             mark_column(),
             ColumnSpec("id", "ID", lambda r: Text(str(r["id"]), justify="right")),
-            ColumnSpec("name", "Name", lambda r: cell(r["name"], 40)),
-            ColumnSpec("course", "Course", lambda r: cell(r["course"], 24)),
-            ColumnSpec("state", "State", lambda r: state_cell(r["state"])),
-            ColumnSpec("deadline", "Deadline", lambda r: date_cell(r["deadline"])),
-            ColumnSpec("runs", "Runs", lambda r: Text(str(r["runs"]), justify="right")),
-            ColumnSpec("results_by_state", "Results", lambda r: by_state_cell(r["results_by_state"])),
+            ColumnSpec("name", "Name", lambda r: cell(r["name"], NAME_WIDTH)),
+            ColumnSpec("course", "Course", lambda r: cell(r["course"], COURSE_WIDTH)),
+            ColumnSpec("state", "State", lambda r: state_cell(r["state"]), width=6),
+            ColumnSpec("paused", "Paused", lambda r: Text("⏸ " + one_line(r["paused_by"] or "", 8), style="bold yellow")
+                       if r["paused"] else Text(""), width=10),
+            ColumnSpec("deadline", "Deadline", lambda r: date_cell(r["deadline"]), width=16),
+            ColumnSpec("runs", "Runs", lambda r: Text(str(r["runs"]), justify="right"), width=5),
             ColumnSpec("log_bytes", "Logs", lambda r: bytes_cell(
-                None if r.get("log_bytes_db") is None else (r["log_bytes_db"] or 0) + (r["log_bytes_s3"] or 0), "…")),
-            ColumnSpec("stats_as_of", "As of", lambda r: Text(age(r.get("stats_as_of")), style="dim")),
-            ColumnSpec("paused", "Paused", lambda r: Text("⏸ " + one_line(r["paused_by"] or "", 16), style="bold yellow")
-                       if r["paused"] else Text("")),
+                None if r.get("log_bytes_db") is None else (r["log_bytes_db"] or 0) + (r["log_bytes_s3"] or 0), "…"),
+                width=10),
+            # The age of the cached log-bytes figure (atc.assignment_stats), not of the list.
+            ColumnSpec("stats_as_of", "Logs age", lambda r: Text(age(r.get("stats_as_of")), style="dim"), width=8),
+            ColumnSpec("results_by_state", "Results", lambda r: by_state_cell(r["results_by_state"])),
         ]
+
+    def tick_ages(self) -> None:
+        self.table.rerender_column("stats_as_of")
+        super().tick_ages()
 
     def fetch_page(self, *, after, before, limit, token):
         return browse.list_assignments(self.app.browse_db, state=self.state_filter, search=self.search,
@@ -364,7 +433,7 @@ class AssignmentsScreen(PauseActions, ListScreen):
                 text.append(f" (until {date_cell(row['pause_expires_at']).plain})")
         if row.get("log_bytes_db") is not None:
             text.append(f"  · logs DB {human_bytes(row['log_bytes_db'])}, S3 {human_bytes(row['log_bytes_s3'])}"
-                        f" as of {age(row.get('stats_as_of'))}", style="dim")
+                        f" (counted {age(row.get('stats_as_of'))} ago, cached)", style="dim")
         return text
 
     def after_page(self, rows: list[dict[str, Any]]) -> None:
@@ -415,6 +484,7 @@ class AssignmentsScreen(PauseActions, ListScreen):
 
 
 class RunsScreen(ListScreen):
+    help_title = "Runs"
     kind = "runs"
 
     def __init__(self, assignment_id: int) -> None:
@@ -454,6 +524,7 @@ class RunsScreen(ListScreen):
 
 
 class ResultsScreen(ListScreen):
+    help_title = "Results"
     kind = "results"
     states = browse.RESULT_STATES
 
@@ -493,6 +564,8 @@ class ResultsScreen(ListScreen):
 
 class StepsScreen(RestoreLogAction, ListScreen):
     """R restores the highlighted step's log from S3 into the database (screens.migrate)."""
+
+    help_title = "Steps"
 
     kind = "steps"
     states = browse.RESULT_STATES

@@ -26,7 +26,7 @@ from textual.geometry import Size
 from textual.screen import Screen
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
-from textual.widgets import Footer, Input, Static, Tab, Tabs
+from textual.widgets import Input, Static, Tab, Tabs
 
 from console.ansi import render, render_raw
 from console.errors import AtcError
@@ -36,6 +36,8 @@ from console.text import human_bytes, one_line
 GUTTER_STYLE = Style(dim=True)
 HIT_LINE_STYLE = Style(bgcolor="grey23")
 HIT_STYLE = Style(reverse=True, bold=True)
+# Every other match of the search on screen (cheap: only the visible rows are rendered).
+MATCH_STYLE = Style(bgcolor="yellow", color="black")
 # Wrapped mode shows at most this many rows of one display line (a 2 KiB piece at 80 columns is
 # ~26 rows; escapes can make it longer).
 MAX_WRAP_ROWS = 200
@@ -52,9 +54,11 @@ class LogLines(ScrollView, can_focus=True):
     LogLines { height: 1fr; }
     """
 
+    help_group = "Log lines"
+
     BINDINGS = [
-        Binding("up", "scroll_up", "Up", show=False),
-        Binding("down", "scroll_down", "Down", show=False),
+        Binding("up,k", "scroll_up", "Up", show=False),
+        Binding("down,j", "scroll_down", "Down", show=False),
         Binding("left", "scroll_left", "Left", show=False),
         Binding("right", "scroll_right", "Right", show=False),
         Binding("pageup", "page_up", "Page up", show=False),
@@ -122,6 +126,8 @@ class LogLines(ScrollView, can_focus=True):
             text.stylize(HIT_LINE_STYLE)
             if self.hit_pattern is not None:
                 text.highlight_regex(self.hit_pattern, HIT_STYLE)
+        elif self.hit_pattern is not None:
+            text.highlight_regex(self.hit_pattern, MATCH_STYLE)
         return text
 
     def _gutter(self, line: DisplayLine, width: int, first_row: bool) -> Text:
@@ -139,7 +145,7 @@ class LogLines(ScrollView, can_focus=True):
         height = self.size.height
         width = self.size.width
         top = int(self.scroll_offset.y)
-        key = (top, width, height, self.wrap, self.colour, self.raw_mode, self.hit_line,
+        key = (top, width, height, self.wrap, self.colour, self.raw_mode, self.hit_line, self.hit_pattern,
                self._known_lines, id(self.document), id(self.preview))
         if key == self._layout_key:
             return self._layout
@@ -237,6 +243,7 @@ class LogViewerScreen(Screen):
     """One step result's log: header, parts, lines, search and progress."""
 
     CSS_PATH = "log_viewer.tcss"
+    help_title = "Log viewer"
 
     BINDINGS = [
         Binding("g", "top", "Top", id="log.top"),
@@ -250,7 +257,7 @@ class LogViewerScreen(Screen):
         Binding("left_square_bracket", "previous_part", "Prev part", id="log.previous_part", key_display="["),
         Binding("escape", "close", "Back", id="log.close"),
         Binding("pageup", "page_up", "PgUp", show=False, id="log.page_up"),
-        Binding("pagedown", "page_down", "PgDn", show=False, id="log.page_down"),
+        Binding("pagedown,space", "page_down", "PgDn", show=False, id="log.page_down"),
     ]
 
     def __init__(self, step_result_id: int, **kwargs: Any) -> None:
@@ -273,7 +280,7 @@ class LogViewerScreen(Screen):
             yield Input(placeholder="search (smart case: lower case ignores case); Enter finds forward",
                         id="log-search")
         yield Static(Text(""), id="log-status")
-        yield Footer()
+        # No Footer here: the app adds the status line and footer at the bottom of every screen.
 
     @property
     def lines_widget(self) -> LogLines:
@@ -303,13 +310,20 @@ class LogViewerScreen(Screen):
         except AtcError as exc:
             self.app.call_from_thread(self._failed, exc.message)
             return
+        except Exception as exc:  # never a dead "opening…" page: say what went wrong
+            self.app.call_from_thread(self._failed, f"step result {self.step_result_id}: {type(exc).__name__}: {exc}")
+            return
         log.wait_for_lines(1, timeout=1.0)
         self.app.call_from_thread(self._opened, log)
 
     def _failed(self, message: str) -> None:
         self.error = message
-        self.query_one("#log-header", Static).update(Text(f"step result {self.step_result_id}: {one_line(message)}"))
         self.notify(message, severity="error", markup=False)
+        # Nothing to show: do not stay in the back stack as a dead page (Escape would land here).
+        if self.is_current and len(self.app.screen_stack) > 1:
+            self.app.pop_screen()
+        elif self.is_mounted:
+            self.query_one("#log-header", Static).update(Text(f"step result {self.step_result_id}: {one_line(message)}"))
 
     def _opened(self, log: OpenLog) -> None:
         if not self.is_mounted:
@@ -388,7 +402,12 @@ class LogViewerScreen(Screen):
             doc = widget.document
             if doc is not None:
                 total = doc.line_count
-                shown = "end preview" if widget.preview is not None else f"line {widget.top_line + 1}/{total}"
+                if widget.preview is not None:
+                    shown = "end preview"
+                elif total == 0:
+                    shown = "empty" if doc.complete else "no lines yet"
+                else:
+                    shown = f"line {widget.top_line + 1}/{total}"
                 parts.append(f"{self._current_part()} · {shown}")
             parts.append("colour" if widget.colour else "plain")
             parts.append("wrap" if widget.wrap else "cut")

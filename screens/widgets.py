@@ -238,6 +238,14 @@ class PagedTable(DataTable):
     Rows are identified by ``row_id(row)``; ``row_key(row)`` is the keyset key to page from.
     """
 
+    help_group = "List"
+    # vi habits next to the arrows; DataTable already scrolls sideways with left/right (row cursor)
+    # and ctrl+pageup/ctrl+pagedown when the columns are wider than the screen.
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+    ]
+
     class NeedRows(Message):
         """Ask the owner for the page after ``key`` (direction "after") or before it ("before")."""
 
@@ -335,9 +343,22 @@ class PagedTable(DataTable):
         for spec in self.specs:
             if spec.key in values or spec.render is not None:
                 try:
-                    self.update_cell(rid, spec.key, spec.cell(row))
+                    # Grow the column when the new value is wider (a "…" placeholder becoming
+                    # "221.4 KiB" must not be cut to "221.").
+                    self.update_cell(rid, spec.key, spec.cell(row), update_width=spec.width is None)
                 except Exception:
                     pass
+
+    def rerender_column(self, key: str) -> None:
+        """Render one column again from the held rows (e.g. an age that grows with time)."""
+        spec = next((s for s in self.specs if s.key == key), None)
+        if spec is None:
+            return
+        for rid in self.order:
+            try:
+                self.update_cell(rid, key, spec.cell(self.rows_by_id[rid]), update_width=spec.width is None)
+            except Exception:
+                pass
 
     def _add(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:

@@ -7,11 +7,12 @@ from dataclasses import replace
 
 import psycopg
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, Static
 
 from browse_world import HOSTILE_NAME, make_world
 from screens.app import AtcApp, Section, parse_command_line
-from screens.browse import AssignmentsScreen, ResultsScreen, RunsScreen, StepsScreen
+from console.text import one_line
+from screens.browse import NAME_WIDTH, AssignmentsScreen, ResultsScreen, RunsScreen, StepsScreen
 from screens.widgets import ConfirmModal, PagedTable, ReasonModal, StatusLine
 
 SIZE = (120, 36)
@@ -52,7 +53,9 @@ async def test_drill_from_assignment_to_step_and_back(world):
         await wait_until(pilot, loaded(app, AssignmentsScreen))
         table = table_of(app)
         assert cell_texts(table, "id") == ["1", "2", "3", "4"]
-        assert cell_texts(table, "name")[2] == HOSTILE_NAME  # shown literally, markup not applied
+        # shown literally (markup not applied), capped with an ellipsis; the row detail has it whole
+        assert cell_texts(table, "name")[2] == one_line(HOSTILE_NAME, NAME_WIDTH)
+        assert table.held_rows()[2]["name"] == HOSTILE_NAME
         assert "⏸ alice" in cell_texts(table, "paused")[1]
         # the second query fills the log bytes column after the page painted
         await wait_until(pilot, lambda: cell_texts(table_of(app), "log_bytes")[0] not in ("…", ""))
@@ -101,7 +104,8 @@ async def test_filter_is_literal_text_not_sql_or_markup(world):
         app.focused.value = HOSTILE_NAME
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.screen.token is None and table_of(app).row_count == 1)
-        assert cell_texts(table_of(app), "name") == [HOSTILE_NAME]
+        assert cell_texts(table_of(app), "name") == [one_line(HOSTILE_NAME, NAME_WIDTH)]
+        assert HOSTILE_NAME in app.screen.query_one("#summary").render().plain
         # LIKE wildcards are literal too: "100%_" matches only the name containing it
         await pilot.press("slash")
         app.focused.value = "100%_"
@@ -358,3 +362,161 @@ async def test_q_quits_but_typing_q_in_a_filter_does_not(world):
         await pilot.press("q")
         await pilot.pause()
         assert not app.is_running
+
+
+# -- newcomer findings: columns, ages, dead screens, help, habits ------------------------------------
+
+
+def column_span(table: PagedTable, key: str) -> tuple[int, int]:
+    """(start, end) x of a column inside the table's virtual width."""
+    x = 0
+    for column_key, column in table.columns.items():
+        width = column.get_render_width(table)
+        if column_key.value == key:
+            return x, x + width
+        x += width
+    raise KeyError(key)
+
+
+async def test_assignment_columns_fit_and_scroll_sideways(world):
+    with psycopg.connect(world.database.dsn, autocommit=True) as conn:
+        conn.execute("""UPDATE "Assignment" SET name = 'A very long assignment name that goes on and on and on' WHERE id = 1""")
+        conn.execute("""UPDATE "Course" SET name = 'Introduction to programming with Python, spring term' WHERE id = 1""")
+    app = AtcApp(world)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        await wait_until(pilot, lambda: app.screen.stats_token is None
+                         and cell_texts(table_of(app), "log_bytes")[0] not in ("…", ""))
+        await pilot.pause()
+        table = table_of(app)
+        # the log-bytes cell that replaced "…" is shown whole (it was cut to "221." before)
+        for rid in table.order:
+            text = table.get_cell(rid, "log_bytes").plain
+            assert text.endswith("B") and len(text) <= column_span(table, "log_bytes")[1] - column_span(table, "log_bytes")[0] - 2
+        assert cell_texts(table, "name")[0].endswith("…") and len(cell_texts(table, "name")[0]) <= 22
+        assert cell_texts(table, "course")[0].endswith("…")
+        # a pause (a refresh that makes the Paused cells wider) keeps Logs and Paused on screen
+        await pilot.press("r")
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        await pilot.pause()
+        visible = table.scrollable_content_region.width
+        for key in ("paused", "log_bytes", "stats_as_of"):
+            assert column_span(table, key)[1] <= visible, key
+        # wider data than the screen: right / ctrl+pagedown scroll to the last column
+        with psycopg.connect(world.database.dsn, autocommit=True) as conn:
+            conn.execute("""UPDATE "AutoTestResult" SET state = s::autoteststepresultstate FROM (VALUES (1, 'timed_out'), (2, 'skipped'),
+                            (4, 'not_started')) v(i, s) WHERE id = v.i""")
+    app = AtcApp(world)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        table = table_of(app)
+        await pilot.pause()
+        assert table.max_scroll_x > 0
+        await pilot.press("right")
+        await wait_until(pilot, lambda: table.scroll_x > 0)
+        await pilot.press("ctrl+pagedown")
+        await wait_until(pilot, lambda: table.scroll_x == table.max_scroll_x)
+
+
+async def test_logs_age_is_the_age_of_the_cached_figure_and_counts_are_live(world):
+    with psycopg.connect(world.database.dsn, autocommit=True) as conn:
+        # a cached figure from 5 minutes ago (younger than the 10-minute refresh, so it is kept)
+        conn.execute("""INSERT INTO atc.assignment_stats (assignment_id, step_results, log_bytes_db, log_bytes_s3, computed_at)
+                        SELECT id, 1, 1000, 0, now() - interval '5 minutes 10 seconds' FROM "Assignment" """)
+    app = AtcApp(world)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        table = table_of(app)
+        assert table.columns[next(k for k in table.columns if k.value == "stats_as_of")].label.plain == "Logs age"
+        assert cell_texts(table, "stats_as_of")[0] == "5m"     # not "now"
+        assert "counted 5m ago, cached" in app.screen.query_one("#summary").render().plain
+        assert "read <1m ago" in app.screen.query_one("#summary").render().plain
+        before = cell_texts(table, "results_by_state")[0]
+        with psycopg.connect(world.database.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE atc.assignment_stats SET computed_at = now() - interval '2 minutes 5 seconds'")
+            conn.execute("""UPDATE "AutoTestResult" SET state = 'failed' WHERE auto_test_run_id = 2 AND state = 'passed'""")
+        # drilling down and coming back re-reads the list: counts match what the runs view shows
+        await pilot.press("enter")
+        await wait_until(pilot, loaded(app, RunsScreen))
+        runs_view = "".join(cell_texts(table_of(app), "results_by_state"))
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None
+                         and cell_texts(table_of(app), "results_by_state")[0] != before)
+        assert "✗2" in cell_texts(table_of(app), "results_by_state")[0] and "✗2" in runs_view
+        assert cell_texts(table_of(app), "stats_as_of")[0] == "2m"  # the reload re-read the cache age
+
+
+async def test_failed_open_leaves_no_dead_screen(world):
+    from screens.log_viewer import LogViewerScreen
+
+    app = AtcApp(world)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        depth = len(app.screen_stack)
+        for text in ("log 99999999999999999999", "log 987654", "a 99999999999999999999"):
+            app._notifications.clear()
+            await pilot.press("colon")
+            await pilot.press(*text, "enter")
+            await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+            await wait_until(pilot, lambda: isinstance(app.screen, AssignmentsScreen))
+            assert len(app.screen_stack) == depth
+            assert not any(isinstance(s, LogViewerScreen) for s in app.screen_stack)
+
+
+async def test_help_has_human_groups_in_key_order_and_palette_no_noise(world):
+    from screens.help import HelpScreen, binding_rows
+    from screens.palette import AtcCommands
+
+    app = AtcApp(world)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        rows = binding_rows(app.screen)
+        groups = list(dict.fromkeys(r[0] for r in rows))
+        assert groups == ["Assignments", "List", "Everywhere"]
+        shown = " ".join(f"{k} {d}" for _, k, d in rows)
+        for noise in ("Screen", "PagedTable", "super+c", "Focus Next", "Copy", "Cursor"):
+            assert noise not in shown and noise not in " ".join(groups)
+        section_keys = [k for _, k, d in rows if d in {s.title for s in app.sections}]
+        assert section_keys == sorted(section_keys)
+        titles = [t for t, _, _ in AtcCommands(app.screen)._entries()]
+        assert not any(t.startswith("Cursor") for t in titles)
+        assert "Quit" in titles and "Open log by id" in titles
+        await pilot.press("question_mark")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert "Keys: Assignments" in app.screen.query_one(Static).render().plain
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, AssignmentsScreen))
+        # the palette's "Open log by id" opens the command line holding "log "
+        callback = next(cb for t, _, cb in AtcCommands(app.screen)._entries() if t == "Open log by id")
+        callback()
+        await wait_until(pilot, lambda: isinstance(app.focused, Input) and app.focused.value == "log ")
+        await pilot.press("escape")
+
+
+async def test_jk_and_filter_escape_semantics(world):
+    app = AtcApp(world)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, loaded(app, AssignmentsScreen))
+        table = table_of(app)
+        await pilot.press("j", "j")
+        assert table.cursor_row == 2
+        await pilot.press("k")
+        assert table.cursor_row == 1
+        # apply a filter, then edit without applying and press Escape: the edit is dropped
+        await pilot.press("slash")
+        app.focused.value = "Hello"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.screen.token is None and cell_texts(table_of(app), "id") == ["1"])
+        await pilot.press("slash")
+        app.focused.value = "Linked"
+        await pilot.press("escape")
+        await pilot.pause()
+        filter_input = app.screen.query_one("#filter", Input)
+        assert filter_input.value == "Hello" and not filter_input.display and table_of(app).has_focus
+        assert app.screen.search == "Hello" and cell_texts(table_of(app), "id") == ["1"]
+        # emptying the box and pressing Escape clears the applied filter
+        await pilot.press("slash")
+        app.focused.value = ""
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.screen.token is None and cell_texts(table_of(app), "id") == ["1", "2", "3", "4"])
+        assert app.screen.search is None

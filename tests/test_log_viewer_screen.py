@@ -277,3 +277,62 @@ async def test_unknown_id_is_a_notification(empty_db):
                 break
         assert "424242" in screen.error and "does not exist" in screen.error
         assert any(n.severity == "error" for n in app._notifications)
+
+
+async def test_jk_space_and_every_visible_match_highlighted(logs, empty_db):
+    from screens.log_viewer import HIT_STYLE, MATCH_STYLE
+
+    lines = [f"line {i:04d} {'match' if i in (3, 5, 7) else 'plain'}" for i in range(300)]
+    sid = logs.inline(json_log(stdout="\n".join(lines) + "\n"))
+    app = ViewerApp(empty_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = LogViewerScreen(sid)
+        await app.push_screen(screen)
+        await wait_loaded(pilot, screen)
+        widget = screen.lines_widget
+        await pilot.press("j", "j")
+        await pilot.pause()
+        assert widget.top_line == 2
+        await pilot.press("k")
+        await pilot.pause()
+        assert widget.top_line == 1
+        await pilot.press("g", "slash", *"match", "enter")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if widget.hit_line is not None:
+                break
+        assert widget.hit_line == 3
+        styles = {}
+        for gutter, text in widget._build_layout():
+            styles[text.plain.split()[1]] = [span.style for span in text.spans]
+        assert HIT_STYLE in styles["0003"]                      # the current match
+        assert MATCH_STYLE in styles["0005"] and MATCH_STYLE in styles["0007"]  # and the others on screen
+        assert MATCH_STYLE not in styles["0004"]
+        top = widget.top_line
+        await pilot.press("space")
+        await pilot.pause()
+        assert widget.top_line > top + 10  # a page, not a line
+
+
+async def test_in_the_app_status_line_is_at_the_bottom_and_empty_part_says_so(empty_db):
+    from browse_world import make_world
+    from screens.app import AtcApp
+    from screens.widgets import StatusLine
+
+    make_world(empty_db.database.dsn)
+    app = AtcApp(empty_db)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.open_screen("open_log", 1)  # the browse world's first step result: stderr is ""
+        for _ in range(500):
+            await pilot.pause(0.02)
+            if isinstance(app.screen, LogViewerScreen) and app.screen.opened is not None and app.screen.query(StatusLine):
+                break
+        screen = app.screen
+        await wait_loaded(pilot, screen)
+        status = screen.query_one(StatusLine)
+        assert status.region.y > screen.query_one("#log-status").region.y  # at the bottom, like everywhere
+        assert status.region.y >= 30 - 2
+        screen.select_part("stderr")
+        await pilot.pause()
+        text = screen.query_one("#log-status").render().plain
+        assert "stderr · empty" in text and "1/0" not in text
