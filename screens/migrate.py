@@ -116,25 +116,6 @@ def plan_lines(plan: Plan, opts: MigrationOptions, bucket: str, prefix: str) -> 
     return lines
 
 
-class MoveConfirmModal(ConfirmModal):
-    """The confirmation of a migration: says how many logs and bytes move, not how many lines."""
-
-    def __init__(self, title: str, lines: list[str], logs: int) -> None:
-        super().__init__(title, lines, confirm_label="Move")
-        self.logs = logs
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Label(cell(self.title_text, 200), id="confirm-title")
-            with VerticalScroll(id="confirm-lines"):
-                for line in self.lines:
-                    yield Static(cell(line, 300))
-            yield Static(Text(f"Press y to move these {self.logs:,} logs, n or Escape to cancel.", style="dim"))
-            with Horizontal():
-                yield Button("Cancel", id="cancel")
-                yield Button(self.confirm_label, id="confirm", variant="error")
-
-
 class MigrateScreen(Screen):
     """Move large logs to S3 with a progress bar.
 
@@ -315,7 +296,9 @@ class MigrateScreen(Screen):
                 if ok:
                     self._start(replace(opts, reason=reason))
 
-            self.app.push_screen(MoveConfirmModal(title, lines, plan.movable_logs), confirmed)
+            self.app.push_screen(ConfirmModal(
+                title, lines, confirm_label="Move",
+                prompt=f"Press y to move these {plan.movable_logs:,} logs, n or Escape to cancel."), confirmed)
 
         self.app.push_screen(ReasonModal(f"Migrate {plan.movable_logs:,} logs to S3", lines=lines), got_reason)
 

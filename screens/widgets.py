@@ -128,11 +128,14 @@ class ConfirmModal(ModalScreen[bool]):
         Binding("n,escape", "cancel", "Cancel", id="confirm.no"),
     ]
 
-    def __init__(self, title: str, lines: Sequence[str], *, confirm_label: str = "Confirm") -> None:
+    def __init__(self, title: str, lines: Sequence[str], *, confirm_label: str = "Confirm",
+                 prompt: str | None = None) -> None:
         super().__init__()
         self.title_text = title
         self.lines = list(lines)
         self.confirm_label = confirm_label
+        # What "y" does, when counting lines would mislead (one line can stand for 4,900 logs).
+        self.prompt = prompt or f"{len(self.lines)} item(s). Press y to confirm, n or Escape to cancel."
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -140,7 +143,7 @@ class ConfirmModal(ModalScreen[bool]):
             with VerticalScroll(id="confirm-lines"):
                 for line in self.lines:
                     yield Static(cell(line, 300))
-            yield Static(Text(f"{len(self.lines)} item(s). Press y to confirm, n or Escape to cancel.", style="dim"))
+            yield Static(Text(self.prompt, style="dim"))
             with Horizontal():
                 yield Button("Cancel", id="cancel")
                 yield Button(self.confirm_label, id="confirm", variant="error")
