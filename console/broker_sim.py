@@ -68,13 +68,15 @@ def app_connect(dsn: str, name: str) -> psycopg.Connection:
 
 _JOB_ASSIGNMENT = "(CASE WHEN j.job_metadata->>'assignment_id' ~ '^[0-9]+$' THEN (j.job_metadata->>'assignment_id')::int END)"
 
-# The dispatcher's claim: next waiting job of an unpaused assignment, then an idle runner of
-# ours, both SKIP LOCKED, job row before runner row (the order atc's recovery uses too).
+# The dispatcher's claim: next waiting job of an unpaused assignment (or one given job: a runner
+# the autoscaler started for it), then an idle runner of ours, both SKIP LOCKED, job row before
+# runner row (the order atc's recovery uses too).
 CLAIM_NEXT_JOB = f"""
 WITH {CURRENT_PAUSES_CTE},
 candidate_job AS (
     SELECT j.id FROM job j
     WHERE j.state = 'waiting_for_runner'
+      AND (%(job)s::bigint IS NULL OR j.id = %(job)s::bigint)
       AND NOT EXISTS (SELECT 1 FROM current_pause p WHERE p.assignment_id = {_JOB_ASSIGNMENT})
     ORDER BY j.updated_at, j.id
     LIMIT 1
@@ -207,6 +209,9 @@ class SimRunner:
     id: uuid.UUID
     ipaddr: str
     deaf: bool = False            # ignores assignments (a runner VM that never comes up)
+    # Started by the autoscaler for one job (the incident's): the dispatcher's loop leaves it
+    # alone, and it retires when that job ends.
+    reserved: bool = False
     retired: bool = False
     thread: threading.Thread | None = None
     conn: psycopg.Connection | None = field(default=None, repr=False)
@@ -261,7 +266,7 @@ class BrokerSimulator:
                 for row in conn.execute(RUNS_WITHOUT_LIVE_JOB).fetchall():
                     conn.execute(REGISTER_JOB, {"cg_url": self.config.cg_url, "run_id": row["run_id"]})
         for _ in range(self.config.runners):
-            self._spawn_runner()
+            self.spawn_runner()
         self._server = ThreadingHTTPServer((self.config.host, self.config.port), _handler_for(self))
         self._server.daemon_threads = True
         for target, name in ((self._server.serve_forever, "http"), (self._dispatcher_loop, "dispatcher"),
@@ -322,11 +327,14 @@ class BrokerSimulator:
 
     # -- runners ---------------------------------------------------------------------------------
 
-    def _spawn_runner(self) -> SimRunner:
+    def spawn_runner(self, *, deaf: bool = False, reserved: bool = False) -> SimRunner:
+        """Start one runner VM (the supervisor keeps the pool at ``config.runners``; extra ones,
+        e.g. reserved for a job, are not replaced when they retire)."""
         with self._lock:
             self._runner_serial += 1
             serial = self._runner_serial
-        runner = SimRunner(id=uuid.uuid4(), ipaddr=f"10.0.{serial // 250}.{serial % 250 + 1}")
+        runner = SimRunner(id=uuid.uuid4(), ipaddr=f"10.0.{serial // 250}.{serial % 250 + 1}",
+                           deaf=deaf, reserved=reserved)
         with app_connect(self.config.dsn, "autotest-broker/supervisor") as conn:
             with conn.transaction():
                 conn.execute('INSERT INTO "AutoTestRunner" (id, ipaddr, last_heartbeat) VALUES (%s, %s, now())',
@@ -349,6 +357,11 @@ class BrokerSimulator:
         """Live runners that would start a job they are given (not deaf)."""
         with self._lock:
             return [r.id for r in self._runners.values() if not r.retired and not r.deaf]
+
+    def dispatchable_runner_ids(self) -> list[uuid.UUID]:
+        """Runners the dispatcher may hand any waiting job to (not reserved for one job)."""
+        with self._lock:
+            return [r.id for r in self._runners.values() if not r.retired and not r.reserved]
 
     def runner(self, runner_id: str | uuid.UUID) -> SimRunner | None:
         with self._lock:
@@ -439,6 +452,8 @@ class BrokerSimulator:
             conn.execute("""UPDATE runner SET state = 'started', job_id = NULL, updated_at = now()
                             WHERE id = %s AND job_id = %s""", (runner.id, job_id))
         runner.job_id = None
+        if runner.reserved:
+            runner.retired = True  # the autoscaler's extra VM goes away with its job
 
     def _run_result(self, conn: psycopg.Connection, runner: SimRunner, job_id: int, result_id: int,
                     steps: list[dict[str, Any]]) -> None:
@@ -491,12 +506,14 @@ class BrokerSimulator:
 
     # -- dispatcher, heartbeats, supervisor ----------------------------------------------------
 
-    def dispatch_once(self, conn: psycopg.Connection, runners: list[uuid.UUID] | None = None) -> dict[str, Any] | None:
-        """One claim: a waiting job of an unpaused assignment to an idle runner, or None."""
-        ids = runners if runners is not None else self.live_runner_ids()
+    def dispatch_once(self, conn: psycopg.Connection, runners: list[uuid.UUID] | None = None,
+                      job_id: int | None = None) -> dict[str, Any] | None:
+        """One claim: a waiting job of an unpaused assignment (``job_id``: that one only) to an
+        idle runner (of ``runners``, default: every runner not reserved), or None."""
+        ids = runners if runners is not None else self.dispatchable_runner_ids()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (PAUSE_FENCE_KEY,))
-            row = conn.execute(CLAIM_NEXT_JOB, {"runners": ids}).fetchone()
+            row = conn.execute(CLAIM_NEXT_JOB, {"runners": ids, "job": job_id}).fetchone()
         if row is None:
             return None
         self.dispatch_count += 1
@@ -547,7 +564,7 @@ class BrokerSimulator:
                     conn.execute("""UPDATE runner SET state = 'cleaned', job_id = NULL, updated_at = now()
                                     WHERE id = %s""", (r.id,))
                 for _ in range(self.config.runners - live):
-                    self._spawn_runner()
+                    self.spawn_runner()
             except psycopg.Error:
                 conn = self._reconnect(conn, "autotest-broker/supervisor")
             self._stopping.wait(max(0.1, self.config.poll_interval * 4))
@@ -698,8 +715,9 @@ class BrokerSimulator:
                 out["dispatcher_restarted"] = self.faults.dispatcher_wedged
                 self.faults.dispatcher_wedged = False
             # Dispatch now rather than on the next tick, so the caller sees what moved.
-            for _ in range(len(self.live_runner_ids())):
-                claimed = self.dispatch_once(conn, runners=self.hearing_runner_ids())
+            hearing = set(self.hearing_runner_ids()) & set(self.dispatchable_runner_ids())
+            for _ in range(len(hearing)):
+                claimed = self.dispatch_once(conn, runners=list(hearing))
                 if claimed is None:
                     break
                 out["dispatched"].append(claimed)

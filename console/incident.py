@@ -3,7 +3,10 @@
 What happens, in order (each phase is visible in ``GET /health`` -> ``incident``):
 
 1. ``preparing``: an assignment whose test configuration produces huge step output ("Incident:
-   image pipeline (huge output)") gets a fresh run; the broker hands its job to a runner, which
+   image pipeline (huge output)") gets a fresh run; the broker's autoscaler starts a runner for
+   its job (on a busy demo every pool runner holds a seeded job for minutes, and the job would
+   otherwise queue behind them) and hands the job to it, in the same pause-honouring claim; the
+   runner
    writes the output the application's way: each append locks the step result row ``FOR UPDATE``,
    reads the whole log and writes it back (so every append costs the size of the log so far).
 2. ``locking``: once a step's log is big, a web request (``autotest-web/request-stalled``) locks
@@ -12,8 +15,9 @@ What happens, in order (each phase is visible in ``GET /health`` -> ``incident``
    application's role, its transaction is never aborted. More requests queue behind it, and so
    does the runner's next append.
 3. ``starving``: the broker's dispatcher is wedged (the real broker deadlocked under this load),
-   one runner was handed a job and never started it, and fresh runs of other assignments wait for
-   runners while runners sit idle.
+   one runner (a fresh VM that never comes up) was handed a job and never started it, and fresh
+   runs of other assignments wait for runners while runners sit idle (the autoscaler adds idle
+   runners if the pool has none, so this shows on a busy demo too).
 4. ``outage``: all four kinds of starvation are present; work does not flow.
 
 The operator fixes it from atc (docs/incident.md): find the root blocker on the lock screen, pause
@@ -40,7 +44,8 @@ INCIDENT_ASSIGNMENT = "Incident: image pipeline (huge output)"
 class IncidentScenario:
     def __init__(self, sim: "BrokerSimulator", *, output_bytes: int = 64 * MiB, chunk_bytes: int = MiB,
                  chunk_delay: float = 0.05, big_log_bytes: int = 4 * MiB, works: int = 4, waiters: int = 3,
-                 bystanders: int = 2, bystander_results: int = 6) -> None:
+                 bystanders: int = 2, bystander_results: int = 6, idle_runners: int = 2,
+                 build_up_timeout: float = 120.0) -> None:
         self.sim = sim
         self.output_bytes = int(output_bytes)
         self.chunk_bytes = int(chunk_bytes)
@@ -50,6 +55,8 @@ class IncidentScenario:
         self.waiters = int(waiters)
         self.bystanders = int(bystanders)
         self.bystander_results = int(bystander_results)
+        self.idle_runners = int(idle_runners)
+        self.build_up_timeout = float(build_up_timeout)
         self.phase = "new"
         self.error: str | None = None
         self.assignment_id: int | None = None
@@ -60,6 +67,10 @@ class IncidentScenario:
         self.deaf_runner: str | None = None
         self.bystander_assignments: list[int] = []
         self.bystander_jobs: list[int] = []
+        self.job_id: int | None = None
+        self.runner_id: str | None = None
+        self.started_at = time.monotonic()
+        self.phase_since = self.started_at
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.finished = False
@@ -77,9 +88,17 @@ class IncidentScenario:
             t.join(timeout=5)
         self.finished = True
 
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_since = time.monotonic()
+
     def status(self) -> dict[str, Any]:
+        now = time.monotonic()
         return {
             "phase": self.phase, "error": self.error, "assignment_id": self.assignment_id, "run_id": self.run_id,
+            "job_id": self.job_id, "runner_id": self.runner_id,
+            "elapsed_seconds": round(now - self.started_at, 1),
+            "phase_seconds": round(now - self.phase_since, 1),
             "step_result_id": self.step_result_id, "blocker_pid": self.blocker_pid,
             "waiter_pids": self.waiter_pids, "deaf_runner": self.deaf_runner,
             "bystander_assignments": self.bystander_assignments, "bystander_jobs": self.bystander_jobs,
@@ -100,27 +119,39 @@ class IncidentScenario:
     def _run(self) -> None:
         try:
             with app_connect(self.sim.config.dsn, "autotest-web/incident-setup") as conn:
-                self.phase = "preparing"
+                self._enter("preparing")
                 self._prepare(conn)
                 self._wait_for_big_log(conn)
-                self.phase = "locking"
+                self._enter("locking")
                 self._start_stalled_request()
                 self._start_queued_requests()
-                self.phase = "starving"
+                self._enter("starving")
                 self._starve(conn)
-                self.phase = "outage"
-        except Exception as exc:  # reported through /health; the simulator keeps serving
+                self._enter("outage")
+        except Exception as exc:  # reported through /health (broker screen, broker-status); the simulator keeps serving
             self.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            self.phase = "failed"
+            self._enter("failed")
 
     def _prepare(self, conn: psycopg.Connection) -> None:
         self.assignment_id = create_assignment(conn, INCIDENT_ASSIGNMENT, works=self.works, steps=2,
                                                output_bytes=self.output_bytes, chunk_bytes=self.chunk_bytes,
                                                chunk_delay=self.chunk_delay)
         self.run_id = create_run(conn, self.assignment_id)
-        self.sim.register_job(self.run_id, conn=conn)
+        # A runner of its own, so the job never queues behind busy runners. Registered and claimed
+        # in one transaction: the dispatcher cannot hand the job elsewhere in between, and the
+        # claim is the ordinary one (pause fence, pause check inside the statement).
+        runner = self.sim.spawn_runner(reserved=True)
+        self.runner_id = str(runner.id)
+        with conn.transaction():
+            self.job_id = self.sim.register_job(self.run_id, conn=conn)
+            claimed = self.sim.dispatch_once(conn, runners=[runner.id], job_id=self.job_id) if self.job_id else None
+        if claimed is None:
+            runner.retired = True
+            raise RuntimeError(f"the broker could not hand the incident job {self.job_id} to runner "
+                               f"{str(runner.id)[:8]} (is the assignment paused?)")
 
-    def _wait_for_big_log(self, conn: psycopg.Connection, timeout: float = 300.0) -> None:
+    def _wait_for_big_log(self, conn: psycopg.Connection) -> None:
+        timeout = self.build_up_timeout
         # pg_column_size reads the stored size from the TOAST pointer: the body is not read.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stop.is_set():
@@ -134,7 +165,12 @@ class IncidentScenario:
                 self.step_result_id = row["id"]
                 return
             time.sleep(0.05)
-        raise TimeoutError("no step log grew big enough")
+        if self._stop.is_set():
+            raise RuntimeError("stopped before the outage built up")
+        job = conn.execute("SELECT state::text AS state FROM job WHERE id = %s", (self.job_id,)).fetchone()
+        raise TimeoutError(f"no step log of run {self.run_id} reached {self.big_log_bytes / MiB:g} MiB within "
+                           f"{timeout:.0f}s (job {self.job_id} is {job['state'] if job else 'gone'}); "
+                           f"see broker-sim.log")
 
     def _stored_threshold(self) -> int:
         # Program output compresses (pglz) to roughly a third; compare stored sizes accordingly.
@@ -218,8 +254,14 @@ class IncidentScenario:
             if job is not None:
                 jobs.append(job)
         self.bystander_jobs = jobs
-        # A runner VM that was handed a job and never came up.
-        deaf = sim.set_faults({"deaf_runners": 1})["deaf_runners"]
-        if deaf and jobs:
-            self.deaf_runner = deaf[0]
-            sim.dispatch_once(conn, runners=[sim.runner(deaf[0]).id])
+        # A runner VM that was handed a job and never came up (a fresh one: on a busy demo no
+        # pool runner is free to play it).
+        if jobs:
+            deaf = sim.spawn_runner(deaf=True, reserved=True)
+            self.deaf_runner = str(deaf.id)
+            sim.dispatch_once(conn, runners=[deaf.id], job_id=jobs[0])
+        # Runners sitting idle while jobs wait: the autoscaler adds some if all are busy.
+        idle = conn.execute("SELECT count(*) AS n FROM runner WHERE state = 'started' AND job_id IS NULL "
+                            "AND id = ANY(%s::uuid[])", (sim.dispatchable_runner_ids(),)).fetchone()["n"]
+        for _ in range(max(0, self.idle_runners - idle)):
+            sim.spawn_runner()

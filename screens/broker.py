@@ -2,7 +2,7 @@
 recover through the broker's API (g) or directly in the database (G), stop a runner (x).
 
 Also ``PauseActions``: the pause/resume actions of the assignments screen (mark rows with ``m``,
-pause ``p``, resume ``u``), kept here so every broker-facing action lives in one module. All work
+pause ``p``, resume ``u``, stop the runners working on them ``S``), kept here so every broker-facing action lives in one module. All work
 runs in thread workers through ``console`` functions; nothing here holds SQL.
 """
 
@@ -26,6 +26,45 @@ from screens.widgets import ColumnSpec, cell, state_cell
 
 KIND_STYLES = {"waiting_idle": "yellow", "stuck_assigned": "magenta", "no_progress": "red", "not_started": "cyan"}
 
+# Runner table order: the ones doing (or about to do) work first, retired ones last.
+RUNNER_STATE_ORDER = {"running": 0, "assigned": 1, "started": 2, "creating": 3, "cleaning": 4}
+RETIRED_RUNNER_STATES = frozenset({"cleaned", "not_running"})
+
+
+def sort_runners(runners: list[dict[str, Any]], *, include_retired: bool) -> list[dict[str, Any]]:
+    """Live runners first (running, assigned, idle, ...), then, if asked, the retired ones."""
+    kept = [r for r in runners if include_retired or r["state"] not in RETIRED_RUNNER_STATES]
+    return sorted(kept, key=lambda r: (RUNNER_STATE_ORDER.get(r["state"], 9), str(r["id"])))
+
+
+def waiting_note(counts: dict[str, Any], findings: list) -> str:
+    """Why waiting jobs are (not) starvation: waiting while no runner is idle is a full pool."""
+    waiting = int(counts.get("jobs_waiting") or 0)
+    if not waiting or any(f.kind == "waiting_idle" for f in findings):
+        return ""
+    if not int(counts.get("runners_idle") or 0):
+        return f"{waiting} waiting, all runners busy (a full pool, not starvation)"
+    return f"{waiting} waiting, younger than the starvation threshold or paused"
+
+
+def incident_line(incident: dict[str, Any] | None) -> Text | None:
+    """The outage replay's progress (``atc demo --incident``), or its failure, or None."""
+    if not incident:
+        return None
+    phase = one_line(incident.get("phase"), 20)
+    text = Text("incident replay: ", style="bold")
+    if phase == "failed":
+        text.append("FAILED ", style="bold red")
+        text.append(one_line(incident.get("error"), 200), style="red")
+        return text
+    text.append(phase, style="bold yellow" if phase != "outage" else "bold red")
+    seconds = incident.get("phase_seconds")
+    if seconds is not None and phase != "outage":
+        text.append(f" for {human_duration(float(seconds))}")
+    if phase == "outage":
+        text.append(" · find the root blocker (2), pause the assignment (1, p), terminate it, recover (g)")
+    return text
+
 
 def _age(value: Any) -> str:
     from datetime import datetime, timezone
@@ -48,6 +87,7 @@ class BrokerScreen(LiveScreen):
         Binding("G", "recover('db')", "Recover (DB)", id="broker.recover_db"),
         Binding("n", "dry_run", "Dry run", id="broker.dry_run"),
         Binding("x", "stop_runner", "Stop runner", id="broker.stop_runner"),
+        Binding("a", "toggle_retired", "Retired runners", id="broker.retired"),
         Binding("tab", "focus_next", "Next table", show=False, id="broker.next"),
     ]
 
@@ -56,11 +96,14 @@ class BrokerScreen(LiveScreen):
         self.data: dict[str, Any] = {}
         self.last_recovery: dict[str, Any] | None = None
         self.recovering = False
+        self.show_retired = False
+        self._incident_error_shown: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Static(Text("Broker — starvation, runners, jobs, pauses", style="bold"), classes="screen-title")
         yield Static(Text(""), id="broker-state")
         yield Static(Text(""), id="broker-health")
+        yield Static(Text(""), id="broker-incident")
         yield Static(Text(""), id="broker-recovery")
         yield Static(Text("Starving", style="bold"), classes="section-title")
         findings = DataTable(id="findings", cursor_type="row")
@@ -68,7 +111,7 @@ class BrokerScreen(LiveScreen):
                            ("age", "Age"), ("why", "Why it counts as starving")):
             findings.add_column(label, key=key)
         yield findings
-        yield Static(Text("Runners", style="bold"), classes="section-title")
+        yield Static(Text("Runners", style="bold"), classes="section-title", id="runners-title")
         runners = DataTable(id="runners", cursor_type="row")
         for key, label in (("id", "Runner"), ("state", "State"), ("job", "Job"), ("heartbeat", "Heartbeat"),
                            ("since", "In state for"), ("ip", "Address")):
@@ -116,12 +159,7 @@ class BrokerScreen(LiveScreen):
               cell(f.assignment_id), cell(human_duration(f.age_seconds)), cell(f.why, 300)))
             for f in data["findings"]
         ])
-        self._fill(self.query_one("#runners", DataTable), [
-            (str(r["id"]), (cell(str(r["id"])[:8]), state_cell(r["state"]), cell(r["job_id"]),
-                            cell(_age(r["last_heartbeat"]) + " ago" if r["last_heartbeat"] else "-"),
-                            cell(_age(r["updated_at"])), cell(r["ipaddr"], 20)))
-            for r in data["runners"]
-        ])
+        self._show_runners()
         pauses = data["pauses"]
         rows = []
         for j in data["jobs"]:
@@ -136,9 +174,44 @@ class BrokerScreen(LiveScreen):
                                         cell(j["run_id"]), cell(_age(j["updated_at"])), paused)))
         self._fill(self.query_one("#jobs", DataTable), rows)
 
+    def _show_runners(self) -> None:
+        runners = self.data.get("runners", [])
+        shown = sort_runners(runners, include_retired=self.show_retired)
+        retired = sum(1 for r in runners if r["state"] in RETIRED_RUNNER_STATES)
+        title = Text("Runners", style="bold")
+        title.append(f"  {len(runners) - retired} live", style="green")
+        if retired:
+            title.append(f" · {retired} retired " + ("shown" if self.show_retired else "hidden") + " (a toggles)",
+                         style="dim")
+        self.query_one("#runners-title", Static).update(title)
+        self._fill(self.query_one("#runners", DataTable), [
+            (str(r["id"]), (cell(str(r["id"])[:8]), state_cell(r["state"]), cell(r["job_id"]),
+                            cell(_age(r["last_heartbeat"]) + " ago" if r["last_heartbeat"] else "-"),
+                            cell(_age(r["updated_at"])), cell(r["ipaddr"], 20)))
+            for r in shown
+        ])
+
+    def action_toggle_retired(self) -> None:
+        self.show_retired = not self.show_retired
+        if self.data:
+            self._show_runners()
+
     def _fill(self, table: DataTable, rows: list[tuple[str, tuple]]) -> None:
-        """Update in place: changed cells only, rows added/removed; the cursor stays on its row."""
+        """Update in place: changed cells only, rows added/removed; the cursor stays on its row.
+        If the order changed (rows are sorted), the table is refilled and the cursor follows its row."""
         wanted = {key for key, _ in rows}
+        current = [k.value for k in table.rows]
+        if [k for k in current if k in wanted] != [key for key, _ in rows if key in set(current)]:
+            cursor_key = None
+            if table.row_count:
+                cursor_key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            with self.app.batch_update():
+                table.clear()
+                for key, values in rows:
+                    table.add_row(*values, key=key)
+                if cursor_key in wanted:
+                    table.move_cursor(row=table.get_row_index(cursor_key))
+            return
         with self.app.batch_update():
             for key in [k.value for k in list(table.rows) if k.value not in wanted]:
                 table.remove_row(key)
@@ -159,6 +232,9 @@ class BrokerScreen(LiveScreen):
                     f"{c.get('runners_running', 0)} running · ")
         n = len(data["findings"])
         text.append(f"{n} starving", style="bold red" if n else "green")
+        note = waiting_note(c, data["findings"])
+        if note:
+            text.append(f" ({note})", style="yellow")
         text.append(" · broker API: ")
         if data.get("health"):
             h = data["health"]
@@ -171,6 +247,16 @@ class BrokerScreen(LiveScreen):
         else:
             text.append("not configured ([broker] url)", style="dim")
         self.query_one("#broker-health", Static).update(text)
+        incident = (data.get("health") or {}).get("incident")
+        line = incident_line(incident)
+        widget = self.query_one("#broker-incident", Static)
+        widget.display = line is not None
+        widget.update(line or Text(""))
+        error = incident.get("error") if incident and incident.get("phase") == "failed" else None
+        if error and error != self._incident_error_shown:
+            self._incident_error_shown = error
+            self.notify(f"the incident replay failed: {one_line(error, 200)}", severity="error", markup=False,
+                        timeout=15)
 
     def show_state(self, text: Text, stale: bool) -> None:
         self.query_one("#broker-state", Static).update(text)
@@ -299,6 +385,7 @@ PAUSE_BINDINGS = [
     Binding("m", "mark_assignment", "Mark", id="assignments.mark"),
     Binding("p", "pause_assignments", "Pause", id="assignments.pause"),
     Binding("u", "resume_assignments", "Resume", id="assignments.resume"),
+    Binding("S", "stop_assignment_runners", "Stop runners", id="assignments.stop_runners"),
 ]
 
 
@@ -309,8 +396,10 @@ def mark_column() -> ColumnSpec:
 class PauseActions:
     """Mixin for the assignments screen: mark rows (m), pause (p) or resume (u) the marked rows or
     the highlighted one. Confirm, then reason (``… --for 2h`` at the end of the reason sets an
-    expiry), then the pause runs in a worker; if runners are working on those assignments, atc
-    offers to stop them (another confirmation)."""
+    expiry), then the pause runs in a worker. Stopping the runners still working on them is a
+    separate explicit action (S, its own confirmation): after a pause atc only *tells* how many
+    runners are still at work (a notification), it never pops up a second question on its own,
+    which keys typed ahead would answer by accident."""
 
     def _marked_ids(self) -> dict[int, str]:
         marked = getattr(self, "_pause_marks", None)
@@ -367,36 +456,66 @@ class PauseActions:
         self._marked_ids().clear()
         self.reload()
         if self.app.settings.broker.url:
-            self._offer_stop_runners(ids, result.events[0]["reason"])
+            self._count_runners_at_work(ids)
 
     @work(thread=True, exclusive=True, group="pause-runners", exit_on_error=False)
-    def _offer_stop_runners(self, ids: list[int], reason: str) -> None:
-        from console.broker import BrokerClient
-        from console.pauses import runners_of_assignments
-
+    def _count_runners_at_work(self, ids: list[int]) -> None:
+        """After a pause: say (never ask) how many runners still work on those assignments."""
         try:
-            with BrokerClient.from_settings(self.app.settings) as client:
-                working = runners_of_assignments(client, ids)
+            working = self._runners_of(ids)
         except AtcError as exc:
             self.app.call_from_thread(self.notify, f"could not ask the broker about runners: {exc.message}",
                                       severity="warning", markup=False)
             return
         if working:
-            self.app.call_from_thread(self._ask_stop_runners, working, reason)
+            self.app.call_from_thread(
+                self.notify, f"{len(working)} runner(s) still working on the paused assignment(s): they finish "
+                             f"their current result; press S to stop them now", severity="warning", markup=False,
+                timeout=10)
 
-    def _ask_stop_runners(self, working: list[dict[str, Any]], reason: str) -> None:
+    def _runners_of(self, ids: list[int]) -> list[dict[str, Any]]:
+        from console.broker import BrokerClient
+        from console.pauses import runners_of_assignments
+
+        with BrokerClient.from_settings(self.app.settings) as client:
+            return runners_of_assignments(client, ids)
+
+    def action_stop_assignment_runners(self) -> None:
+        targets = self._targets()
+        if not targets:
+            self.notify("no assignment highlighted", severity="warning", markup=False)
+            return
+        if not self.app.settings.broker.url:
+            self.notify("no broker configured ([broker] url): atc cannot stop runners", severity="error",
+                        markup=False)
+            return
+        self._find_runners_to_stop(list(targets))
+
+    @work(thread=True, exclusive=True, group="pause-runners", exit_on_error=False)
+    def _find_runners_to_stop(self, ids: list[int]) -> None:
+        try:
+            working = self._runners_of(ids)
+        except AtcError as exc:
+            self.app.call_from_thread(self.notify, exc.message, severity="error", markup=False)
+            return
+        if not working:
+            self.app.call_from_thread(self.notify, f"no runner is working on assignment(s) {', '.join(map(str, ids))}",
+                                      markup=False)
+            return
+        self.app.call_from_thread(self._ask_stop_runners, working)
+
+    def _ask_stop_runners(self, working: list[dict[str, Any]]) -> None:
         settings = self.app.settings
         lines = [f"runner {r['id']} on job {r['job_id']} of assignment {r['assignment_id']}" for r in working]
 
-        def run(stop_reason: str):
+        def run(reason: str):
             from console.broker import BrokerClient
             from console.pauses import stop_runners
 
             with BrokerClient.from_settings(settings) as client:
-                return stop_runners(self.app.db, settings, client, [str(r["id"]) for r in working],
-                                    reason=stop_reason or reason)
+                return stop_runners(self.app.db, settings, client, [str(r["id"]) for r in working], reason=reason)
 
-        self.app.confirm_and_run(f"Also stop the {len(working)} runner(s) working on them?", lines, run,
+        self.app.confirm_and_run(f"Stop the {len(working)} runner(s) working on these assignments", lines, run,
                                  confirm_label="Stop runners",
                                  on_done=lambda res: self.notify(f"stopped {len(res)} runner(s)", markup=False))
 

@@ -187,3 +187,70 @@ def test_cli_pause_resume_pauses_json(empty_db, tmp_path, capsys):
     assert "no assignment is paused" in capsys.readouterr().out
     assert main(["--config", cfg, "pauses", "--history", "--json"]) == 0
     assert [e["paused"] for e in json.loads(capsys.readouterr().out)] == [False, True]
+
+
+# -- the assignments screen: pause never pops up a second question; S stops runners on request ---
+
+
+async def test_pilot_pause_never_asks_about_runners_on_its_own(empty_db, start_broker_sim):
+    """A user who keeps typing after a pause (here: u, y and a resume reason) must resume, not
+    confirm a surprise 'also stop the runners?' question. Stopping runners is S, explicitly."""
+    from screens.app import AtcApp
+    from screens.browse import AssignmentsScreen
+    from screens.widgets import ConfirmModal, PagedTable, ReasonModal
+
+    with _conn(empty_db) as conn:
+        aid = create_assignment(conn, "Typing lab", works=2, steps=1, output_bytes=200_000, chunk_bytes=100,
+                                chunk_delay=0.05)
+        create_run(conn, aid)
+    sim = start_broker_sim(empty_db, runners=1)
+    settings = replace(empty_db, broker=replace(empty_db.broker, url=sim.url))
+    db = Database(settings)
+    client = BrokerClient.from_settings(settings)
+
+    async def until(pilot, predicate, timeout=15.0, what="condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await pilot.pause(0.05)
+            if predicate():
+                return
+        raise AssertionError(f"timed out waiting for {what}")
+
+    app = AtcApp(settings)
+    async with app.run_test(size=(150, 44)) as pilot:
+        await until(pilot, lambda: runners_of_assignments(client, [aid]), what="a runner at work")
+        await pilot.press("1")
+        await until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None
+                    and app.screen.query_one(PagedTable).row_count > 0, what="assignments")
+        assert app.screen.query_one(PagedTable).current_row()["id"] == aid
+        await pilot.press("p")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="pause confirmation")
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, ReasonModal), what="pause reason")
+        await pilot.press(*"runaway output", "enter")
+        await until(pilot, lambda: aid in paused_map(db), what="the pause")
+        # atc tells about the runner, it does not ask.
+        await until(pilot, lambda: any("press S" in n.message for n in app._notifications), what="the notification")
+        await pilot.pause(0.5)
+        assert isinstance(app.screen, AssignmentsScreen)
+        # The user goes on typing a resume: it resumes, and no runner is stopped.
+        await pilot.press("u")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="resume confirmation")
+        assert "Resume" in app.screen.title_text
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, ReasonModal), what="resume reason")
+        await pilot.press(*"false alarm", "enter")
+        await until(pilot, lambda: aid not in paused_map(db), what="the resume")
+        assert list_audit(db, action="stop-runners") == []
+        assert runners_of_assignments(client, [aid]), "the runner still works"
+        # Stopping the runners is an explicit action with its own confirmation.
+        await until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None, what="list")
+        await pilot.press("S")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="stop-runners confirmation")
+        assert "Stop the 1 runner(s)" in app.screen.title_text
+        await pilot.press("y")
+        await until(pilot, lambda: isinstance(app.screen, ReasonModal), what="stop-runners reason")
+        await pilot.press(*"runaway output", "enter")
+        await until(pilot, lambda: list_audit(db, action="stop-runners"), what="the runner stopped")
+    client.close()
+    db.close()

@@ -287,3 +287,45 @@ def test_cli_starvation_and_recover_via_db(empty_db, start_broker_sim, tmp_path,
     assert "refused" in capsys.readouterr().err
     assert main(["--config", str(cfg), "broker-status", "--from-db", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["jobs_started"] + 1 >= 1
+
+
+# -- the broker screen: live runners first, retired ones behind a toggle; why waiting is not starving --
+
+
+async def test_pilot_broker_screen_lists_live_runners_first_and_explains_a_full_pool(empty_db):
+    import uuid
+
+    from screens.app import AtcApp
+    from screens.broker import BrokerScreen
+    from textual.widgets import DataTable
+
+    with _conn(empty_db) as conn:
+        job = conn.execute("INSERT INTO job (cg_url, remote_id, state) VALUES ('x', 'busy', 'started') RETURNING id"
+                           ).fetchone()["id"]
+        for i in range(3):
+            conn.execute("INSERT INTO job (cg_url, remote_id) VALUES ('x', %s)", (f"waiting-{i}",))
+        # Eight retired runners created first (the old order listed them first), then the live ones.
+        for i in range(8):
+            conn.execute("INSERT INTO runner (id, ipaddr, state, created_at) VALUES (%s, %s, 'cleaned', "
+                         "now() - interval '1 hour')", (uuid.uuid4(), f"10.9.0.{i}"))
+        live = uuid.uuid4()
+        conn.execute("INSERT INTO runner (id, ipaddr, state, job_id) VALUES (%s, '10.0.0.1', 'running', %s)",
+                     (live, job))
+    settings = replace(empty_db, ui=replace(empty_db.ui, refresh_interval=0.5))
+    app = AtcApp(settings)
+    async with app.run_test(size=(150, 44)) as pilot:
+        await pilot.press("6")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not (isinstance(app.screen, BrokerScreen) and app.screen.data):
+            await pilot.pause(0.05)
+        screen = app.screen
+        table = screen.query_one("#runners", DataTable)
+        assert [k.value for k in table.rows] == [str(live)], "retired runners hidden by default"
+        title = screen.query_one("#runners-title").render().plain
+        assert "1 live" in title and "8 retired hidden" in title
+        health = screen.query_one("#broker-health").render().plain
+        assert "0 starving" in health and "3 waiting, all runners busy" in health
+        await pilot.press("a")
+        await pilot.pause(0.1)
+        keys = [k.value for k in table.rows]
+        assert len(keys) == 9 and keys[0] == str(live), "live runners first, retired after"

@@ -196,7 +196,14 @@ def cmd_starvation(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.json_output:
         print_json({"thresholds": th.params(), "findings": findings})
     elif not findings:
-        print("nothing is starving")
+        from ..starvation import broker_counts
+
+        counts = broker_counts(ctx.db)
+        waiting = int(counts.get("jobs_waiting") or 0)
+        if waiting and not int(counts.get("runners_idle") or 0):
+            print(f"nothing is starving ({waiting} job(s) waiting, all runners busy: a full pool, not starvation)")
+        else:
+            print("nothing is starving")
     else:
         emit(ctx, findings, columns=_FINDING_COLUMNS)
     return 1 if findings else 0
@@ -265,13 +272,21 @@ def cmd_broker_status(ctx: Context, args: argparse.Namespace) -> int:
         h = data["health"]
         print(f"broker {data['source']}: dispatcher {h.get('dispatcher')}, not starting {h.get('not_starting')}, "
               f"slow {h.get('slow')}")
+        incident = h.get("incident")
+        if incident:
+            if incident.get("phase") == "failed":
+                print(f"incident replay FAILED: {incident.get('error')}", file=sys.stderr)
+            else:
+                print(f"incident replay: {incident.get('phase')} (for {incident.get('phase_seconds', '?')}s)")
     else:
         print(f"broker tables: {data['counts']}")
     emit(ctx, data["runners"], columns=[("id", "Runner"), ("state", "State"), ("job_id", "Job"),
                                         ("last_heartbeat", "Heartbeat"), ("ipaddr", "Address")], title="Runners")
     emit(ctx, data["jobs"][:50], columns=[("id", "Job"), ("state", "State"), ("job_metadata", "Metadata"),
                                           ("updated_at", "Updated")], title="Jobs")
-    return 0
+    # A failed outage replay is an error of `atc demo --incident`: say so in the exit status too.
+    incident = (data.get("health") or {}).get("incident") or {}
+    return 1 if incident.get("phase") == "failed" else 0
 
 
 @no_settings
