@@ -169,7 +169,9 @@ class Signaller:
             raise AtcError(f"{action} needs a reason (--reason), recorded in the audit trail")
         if not targets:
             raise AtcError(f"{action}: no sessions given")
-        check_pids(t.pid for t in targets)
+        # A pid-0 target (a prepared transaction picked on the lock screen) gets its own "refused"
+        # outcome below, recorded in the audit row; a negative pid is never a session.
+        check_pids(t.pid for t in targets if t.pid != 0)
         report = SignalReport(action=action)
         statement = SIGNAL_CANCEL if action == "cancel" else SIGNAL_TERMINATE
         with audited(self.db, self.settings, action, [t.audit_target() for t in targets], reason=reason) as entry:
