@@ -157,6 +157,16 @@ async def _until(pilot, predicate, timeout=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def _type_into_focused_input(pilot, app, text: str) -> None:
+    """Fill the focused Input at once: pressing 30 keys one by one while three live screens
+    refresh costs minutes under the pilot; typing itself is covered by the app tests."""
+    from textual.widgets import Input
+
+    assert isinstance(app.focused, Input), app.focused
+    app.focused.value = text
+    await pilot.pause(0.05)
+
+
 def _record(app, name: str) -> None:
     """SVG screenshots in sequence, when ATC_RECORD_DIR is set (docs/incident/ holds a recording)."""
     import os
@@ -208,7 +218,7 @@ async def test_pilot_incident_walkthrough(empty_db, start_broker_sim):
         await _until(pilot, lambda: isinstance(app.screen, AssignmentsScreen) and app.screen.token is None
                      and app.screen.query_one(PagedTable).row_count > 0, what="assignments")
         await pilot.press("slash")
-        await pilot.press(*"Incident")
+        await _type_into_focused_input(pilot, app, "Incident")
         await pilot.press("enter")
         await _until(pilot, lambda: app.screen.token is None and app.screen.query_one(PagedTable).row_count == 1
                      and app.screen.query_one(PagedTable).current_row()["id"] == incident_aid, what="filtered list")
@@ -219,7 +229,7 @@ async def test_pilot_incident_walkthrough(empty_db, start_broker_sim):
         _record(app, "03-pause-confirm")
         await pilot.press("y")
         await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="reason prompt")
-        await pilot.press(*"INC-7 huge output --for 2h")
+        await _type_into_focused_input(pilot, app, "INC-7 huge output --for 2h")
         await pilot.press("enter")
         await _until(pilot, lambda: incident_aid in paused_map(db), what="the pause")
         pause = paused_map(db)[incident_aid]
@@ -247,7 +257,7 @@ async def test_pilot_incident_walkthrough(empty_db, start_broker_sim):
         await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="terminate confirmation")
         await pilot.press("y")
         await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="terminate reason")
-        await pilot.press(*"INC-7 root blocker, idle in transaction")
+        await _type_into_focused_input(pilot, app, "INC-7 root blocker, idle in transaction")
         await pilot.press("enter")
         await _until(pilot, lambda: isinstance(app.screen, LocksScreen) and app.screen.snapshot is not None
                      and status["blocker_pid"] not in app.screen.snapshot.sessions, what="the blocker gone")
@@ -263,7 +273,7 @@ async def test_pilot_incident_walkthrough(empty_db, start_broker_sim):
         await _until(pilot, lambda: isinstance(app.screen, ConfirmModal), what="recovery confirmation")
         await pilot.press("y")
         await _until(pilot, lambda: isinstance(app.screen, ReasonModal), what="recovery reason")
-        await pilot.press(*"INC-7 get the broker moving")
+        await _type_into_focused_input(pilot, app, "INC-7 get the broker moving")
         await pilot.press("enter")
         await _until(pilot, lambda: broker_screen.last_recovery is not None, timeout=40, what="the recovery report")
         watch = broker_screen.last_recovery["watch"]
