@@ -22,9 +22,9 @@ from console.db import Database
 from console.logstore import locate, stream_log
 from console.storage import ObjectStore
 
-REAL_LOGS = Path(__file__).resolve().parents[2] / "shared" / "real-logs"
-if not REAL_LOGS.exists():  # CI lays shared/ beside the clone
-    REAL_LOGS = Path(__file__).resolve().parents[1].parent / "shared" / "real-logs"
+# Copies of shared/real-logs (runner-outputs with its manifest, loghub with its licence) kept in
+# the repository, so the tests do not depend on where the shared folder happens to be.
+REAL_LOGS = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
 
