@@ -891,13 +891,7 @@ class LogMover:
             if swapped is None:
                 conn.execute("ROLLBACK")
                 now = conn.execute(WHY_NOT_SWAPPED, (sid,)).fetchone()
-                if now is None or not now["inline"]:
-                    return MoveOutcome(sid, "gone", stored_size=stored_size, key=key)
-                if now["xmin"] != xmin or now["stored_size"] != stored_size:
-                    return MoveOutcome(sid, "changed", stored_size=stored_size, key=key)
-                if now["state"] not in FINISHED_STATES:
-                    return MoveOutcome(sid, "running", stored_size=stored_size, key=key)
-                return MoveOutcome(sid, "locked", stored_size=stored_size, key=key)
+                return _why_not(sid, now, xmin, stored_size, key)
             conn.execute(UPSERT_POINTER, {"id": sid, "bucket": self.store.bucket, "key": key, "size": size,
                                           "sha256": sha256, "summary": Jsonb(summary),
                                           "operator": self.settings.operator_name})
