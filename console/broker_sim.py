@@ -242,6 +242,7 @@ class BrokerSimulator:
         self.faults = Faults()
         self._lock = threading.RLock()
         self._stopping = threading.Event()
+        self._dispatcher_parked = threading.Event()
         self._runners: dict[uuid.UUID, SimRunner] = {}
         self._threads: list[threading.Thread] = []
         self._server: ThreadingHTTPServer | None = None
@@ -524,10 +525,18 @@ class BrokerSimulator:
                          (int(meta["run_id"]),))
         return {"job_id": row["job_id"], "runner_id": str(row["runner_id"])}
 
+    def wedge_dispatcher(self, timeout: float = 10.0) -> None:
+        """Stop dispatching and return once the dispatcher has parked, so no claim that started
+        before the wedge can still hand out a job registered after it (tests rely on that)."""
+        self._dispatcher_parked.clear()
+        self.faults.dispatcher_wedged = True
+        self._dispatcher_parked.wait(timeout)
+
     def _dispatcher_loop(self) -> None:
         conn = self._loop_connection("autotest-broker/dispatcher")
         while not self._stopping.is_set():
             if self.faults.dispatcher_wedged:
+                self._dispatcher_parked.set()
                 self._stopping.wait(self.config.poll_interval)
                 continue
             try:

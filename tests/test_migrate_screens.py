@@ -82,7 +82,8 @@ async def test_sizes_and_migrate_do_not_trap_the_keyboard(empty_db):
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: getattr(app.screen, "loads", 0) >= 1, what="sizes loaded")
         assert not isinstance(app.focused, Input)
-        assert "Recompute" in _footer_descriptions(app) and "Threshold" in _footer_descriptions(app)
+        # the footer is recomposed after focus settles; under load that is a few frames later
+        await wait_until(pilot, lambda: {"Recompute", "Threshold"} <= _footer_descriptions(app), what="sizes footer")
         await pilot.press("5")
         await wait_until(pilot, lambda: app.current_mode == "migrate", what="switched to migrate")
         assert app.screen.query_one("#migrate-min_size", Input).value == "1MB"

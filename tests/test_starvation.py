@@ -23,7 +23,7 @@ def _conn(settings) -> psycopg.Connection:
     return psycopg.connect(settings.database.dsn, autocommit=True, row_factory=dict_row)
 
 
-def _wait(predicate, timeout=15.0, what="condition"):
+def _wait(predicate, timeout=40.0, what="condition"):  # generous: CI shares 2 cores
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -62,7 +62,7 @@ def test_waiting_while_runners_idle(empty_db, start_broker_sim, via):
         aid = create_assignment(conn, "Waiting lab", works=2, steps=1)
         run = create_run(conn, aid)
     sim = start_broker_sim(empty_db, register_existing=False)
-    sim.faults.dispatcher_wedged = True  # the broker stopped dispatching
+    sim.wedge_dispatcher()  # the broker stopped dispatching
     job = sim.register_job(run)
     settings = _settings_for(empty_db, sim)
     db = Database(settings)
@@ -87,7 +87,7 @@ def test_runner_stuck_assigned(empty_db, start_broker_sim, via):
         aid = create_assignment(conn, "Stuck lab", works=2, steps=1)
         run = create_run(conn, aid)
     sim = start_broker_sim(empty_db, register_existing=False)
-    sim.faults.dispatcher_wedged = True
+    sim.wedge_dispatcher()
     deaf = sim.set_faults({"deaf_runners": 1})["deaf_runners"][0]
     job = sim.register_job(run)
     with _conn(empty_db) as conn:
@@ -161,7 +161,7 @@ def test_results_not_started_on_unpaused_assignment(empty_db, start_broker_sim, 
         _wait(lambda: _run_done(conn, warm_run), what="the warm-up run")
         run = create_run(conn, aid)
         if job_shape == "finished":
-            sim.faults.dispatcher_wedged = True
+            sim.wedge_dispatcher()
             job = sim.register_job(run)
             conn.execute("UPDATE job SET state = 'finished' WHERE id = %s", (job,))  # finished too early
             sim.faults.dispatcher_wedged = False
@@ -202,7 +202,7 @@ def test_db_recovery_skips_rows_the_broker_holds_and_never_waits(empty_db, start
         aid = create_assignment(conn, "Held lab", works=1, steps=1)
         run = create_run(conn, aid)
     sim = start_broker_sim(empty_db, register_existing=False)
-    sim.faults.dispatcher_wedged = True
+    sim.wedge_dispatcher()
     deaf = sim.set_faults({"deaf_runners": 1})["deaf_runners"][0]
     job = sim.register_job(run)
     with _conn(empty_db) as conn:
@@ -242,7 +242,7 @@ def test_dry_run_changes_nothing(empty_db, start_broker_sim):
         aid = create_assignment(conn, "Dry lab", works=1, steps=1)
         run = create_run(conn, aid)
     sim = start_broker_sim(empty_db, register_existing=False)
-    sim.faults.dispatcher_wedged = True
+    sim.wedge_dispatcher()
     job = sim.register_job(run)
     settings = _settings_for(empty_db, sim)
     db = Database(settings)
@@ -266,7 +266,7 @@ def test_cli_starvation_and_recover_via_db(empty_db, start_broker_sim, tmp_path,
         aid = create_assignment(conn, "CLI lab", works=1, steps=1)
         run = create_run(conn, aid)
     sim = start_broker_sim(empty_db, register_existing=False)
-    sim.faults.dispatcher_wedged = True
+    sim.wedge_dispatcher()
     job = sim.register_job(run)
     cfg = tmp_path / "atc.toml"
     cfg.write_text(f'[database]\ndsn = "{empty_db.database.dsn}"\n[broker]\nurl = "{sim.url}"\n')
