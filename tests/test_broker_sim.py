@@ -7,27 +7,15 @@ import threading
 import time
 
 import httpx
-import psycopg
 import pytest
-from psycopg.rows import dict_row
+
+from broker_support import app_conn as _conn, wait_for as _wait
 
 from console.broker_sim import BrokerSimProcess, create_assignment, create_run
 from console.db import Database
 from console.pauses import pause_assignments, resume_assignments
 
 
-def _conn(settings) -> psycopg.Connection:
-    return psycopg.connect(settings.database.dsn, autocommit=True, row_factory=dict_row)
-
-
-def _wait(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _run_done(conn, run_id) -> bool:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import psycopg
 import pytest
-from psycopg.rows import dict_row
+
+from broker_support import app_conn as _conn, wait_for as _wait
 
 from console.broker_sim import create_assignment, create_run
 from console.db import Database
@@ -26,18 +26,6 @@ SMALL_INCIDENT = {"output_bytes": 8 * MiB, "chunk_bytes": 256 * 1024, "chunk_del
                   "big_log_bytes": MiB, "works": 2, "waiters": 2, "bystanders": 2, "bystander_results": 3}
 
 
-def _conn(settings) -> psycopg.Connection:
-    return psycopg.connect(settings.database.dsn, autocommit=True, row_factory=dict_row)
-
-
-def _wait(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_incident(settings, start_broker_sim):

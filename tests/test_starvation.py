@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import psycopg
 import pytest
-from psycopg.rows import dict_row
+
+from broker_support import app_conn as _conn, wait_for as _wait
 
 from console.audit import list_audit
 from console.broker_sim import create_assignment, create_run
@@ -19,18 +19,6 @@ from console.starvation import Thresholds, find_starvation, recover_starvation, 
 FAST = Thresholds(waiting_after=0.3, assigned_grace=0.3, stalled_after=0.6, heartbeat_fresh=5, not_started_after=0.3)
 
 
-def _conn(settings) -> psycopg.Connection:
-    return psycopg.connect(settings.database.dsn, autocommit=True, row_factory=dict_row)
-
-
-def _wait(predicate, timeout=40.0, what="condition"):  # generous: CI shares 2 cores
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _run_done(conn, run_id) -> bool:
